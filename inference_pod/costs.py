@@ -1,0 +1,153 @@
+"""Learned batch costs: how long a batch of ``b`` samples of one key takes on this GPU.
+
+Every finished batch is an observation ``(key, b, seconds)``. A batch's time is close to affine
+in its size, ``t(b) = a + c*b`` (fixed per-step work plus per-sample work), and both terms scale
+with the work of one sample (steps x megapixels). So:
+
+* a key seen at two or more batch sizes gets its own affine fit;
+* a key seen at one size borrows the shape (a/c) learned across all keys;
+* an unseen key is priced from the per-unit fit across all keys.
+
+Observations are smoothed per (key, size) with an exponential moving average, so the model
+follows a GPU that warms up, throttles or is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from imagefleet.inference_pod.batching import CompatKey
+
+EWMA_ALPHA = 0.3
+RATE_WINDOW_S = 30.0
+
+
+@dataclass(frozen=True)
+class Affine:
+    a: float
+    c: float
+
+    def at(self, b: int) -> float:
+        return self.a + self.c * b
+
+
+def fit(points: list[tuple[int, float]]) -> Affine | None:
+    """Least-squares ``t = a + c*b`` through (b, t) points with at least two distinct b."""
+    if len({b for b, _ in points}) < 2:
+        return None
+    n = len(points)
+    mb = sum(b for b, _ in points) / n
+    mt = sum(t for _, t in points) / n
+    var = sum((b - mb) ** 2 for b, _ in points)
+    c = sum((b - mb) * (t - mt) for b, t in points) / var
+    a = mt - c * mb
+    if c <= 0:  # noise or a GPU far from full: treat the batch as free per sample
+        c = max(mt / max(mb, 1.0), 1e-9) * 1e-3
+        a = max(mt - c * mb, 0.0)
+    return Affine(max(a, 0.0), c)
+
+
+class CostModel:
+    """Per-key batch times, learned online."""
+
+    def __init__(self) -> None:
+        self._times: dict[CompatKey, dict[int, float]] = {}
+        self._max_ok: dict[CompatKey, int] = {}
+
+    def observe(self, key: CompatKey, size: int, seconds: float) -> None:
+        if size <= 0 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        sizes = self._times.setdefault(key, {})
+        old = sizes.get(size)
+        sizes[size] = seconds if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * seconds
+
+    def cap(self, key: CompatKey, size: int) -> None:
+        """Remember that batches of ``key`` larger than ``size`` ran out of memory."""
+        self._max_ok[key] = max(1, min(size, self._max_ok.get(key, size)))
+
+    def max_batch(self, key: CompatKey, configured: int) -> int:
+        return min(configured, self._max_ok.get(key, configured))
+
+    @property
+    def known(self) -> bool:
+        return bool(self._times)
+
+    def seconds(self, key: CompatKey, size: int) -> float | None:
+        """Estimated time of a batch of ``size`` samples of ``key`` (None while nothing is known)."""
+        if size <= 0:
+            return 0.0
+        own = self._times.get(key, {})
+        line = fit(list(own.items()))
+        if line is not None:
+            return line.at(size)
+        b0, t0 = next(iter(own.items())) if own else (0, 0.0)
+        shape = self._unit_fit()
+        if shape is None:
+            # One batch size seen anywhere: assume time proportional to batch size and work.
+            if own:
+                return t0 / b0 * size
+            per_sample = self._per_sample_unit_time()
+            return None if per_sample is None else per_sample * key.units_per_sample * size
+        if own:
+            ratio = shape.a / shape.c
+            c = t0 / (ratio + b0)
+            return ratio * c + c * size
+        return shape.at(size) * key.units_per_sample
+
+    def unit_seconds(self, batch: int) -> float:
+        """Seconds per work unit per sample at batch size ``batch`` (0 while unknown)."""
+        shape = self._unit_fit()
+        if shape is not None:
+            return shape.at(batch) / batch
+        per_sample = self._per_sample_unit_time()
+        return per_sample or 0.0
+
+    def _normalised(self) -> list[tuple[int, float]]:
+        return [
+            (size, seconds / key.units_per_sample)
+            for key, sizes in self._times.items()
+            for size, seconds in sizes.items()
+            if key.units_per_sample > 0
+        ]
+
+    def _unit_fit(self) -> Affine | None:
+        return fit(self._normalised())
+
+    def _per_sample_unit_time(self) -> float | None:
+        points = self._normalised()
+        if not points:
+            return None
+        return sum(t / b for b, t in points) / len(points)
+
+
+class ArrivalMeter:
+    """Recent arrivals: samples per second per key, and demand in GPU-seconds at batch size 1."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: object = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._events: deque[tuple[float, CompatKey, int, float]] = deque()
+
+    def now(self) -> float:
+        return self._clock()  # type: ignore[operator,no-any-return]
+
+    def record(self, key: CompatKey, samples: int, solo_seconds: float | None) -> None:
+        self._events.append((self.now(), key, samples, solo_seconds or 0.0))
+        self._trim()
+
+    def _trim(self) -> None:
+        horizon = self.now() - self.window_s
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
+
+    def rate(self, key: CompatKey) -> float:
+        self._trim()
+        return sum(n for _, k, n, _ in self._events if k == key) / self.window_s
+
+    def utilisation(self) -> float:
+        """GPU-seconds of work (at batch size 1) that arrived per second, over the window."""
+        self._trim()
+        return sum(n * solo for _, _, n, solo in self._events) / self.window_s

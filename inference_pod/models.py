@@ -1,0 +1,176 @@
+"""Building or loading the diffusers pipeline a pod serves, and what the API needs to know of it.
+
+``--model`` accepts:
+
+* ``tiny`` -- a tiny random pipeline for tests and CPU demos (:mod:`.tiny`);
+* ``synthetic:<arch>`` -- random weights of a real architecture, created directly on the target
+  device, for benchmarks: same compute as the real weights (:mod:`.synthetic`);
+* anything else -- a Hugging Face id or a local directory, through ``DiffusionPipeline.from_pretrained``.
+
+Image-to-image and inpainting pipelines are made from the loaded components with
+``AutoPipelineFor*.from_pipe``: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagefleet.settings import PodSettings
+
+log = logging.getLogger(__name__)
+
+TASKS = ("generate", "img2img", "inpaint")
+
+# family -> (default steps, default guidance scale)
+FAMILY_DEFAULTS: dict[str, tuple[int, float]] = {
+    "tiny": (4, 5.0),
+    "sd": (30, 7.5),
+    "sdxl": (30, 5.0),
+    "sd3": (28, 4.5),
+    "flux": (28, 3.5),
+}
+GENERIC_DEFAULTS = (30, 5.0)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API, the batcher and the load report need to know about the served model."""
+
+    id: str
+    family: str
+    source: str  # "built-in", "synthetic", "huggingface", "local"
+    random_weights: bool
+    device: str
+    dtype: str
+    size_multiple: int
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance: float
+    supports_negative_prompt: bool
+    tasks: tuple[str, ...] = TASKS
+
+
+@dataclass
+class LoadedModel:
+    info: ModelInfo
+    text2img: Any
+    _derived: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pipeline(self, task: str) -> Any:
+        """The pipeline for ``task``, made from the loaded components on first use."""
+        if task == "generate":
+            return self.text2img
+        with self._lock:
+            if task not in self._derived:
+                from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+                factory = AutoPipelineForImage2Image if task == "img2img" else AutoPipelineForInpainting
+                derived = factory.from_pipe(self.text2img)
+                derived.set_progress_bar_config(disable=True)
+                self._derived[task] = derived
+            return self._derived[task]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load(settings: PodSettings) -> LoadedModel:
+    """Build or load the pipeline named by ``settings.model`` (blocking; call off the event loop)."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    name = settings.model
+    if name == "tiny":
+        from imagefleet.inference_pod import tiny
+
+        pipe, source, random_weights = tiny.build(device, dtype), "built-in", True
+    elif name.startswith("synthetic:"):
+        from imagefleet.inference_pod import synthetic
+
+        pipe, source, random_weights = synthetic.build(name.partition(":")[2], device, dtype), "synthetic", True
+    else:
+        from diffusers import DiffusionPipeline
+
+        source = "local" if Path(name).exists() else "huggingface"
+        pipe = DiffusionPipeline.from_pretrained(
+            name, torch_dtype=dtype, revision=settings.revision, variant=settings.variant
+        ).to(device)
+        random_weights = False
+    pipe.set_progress_bar_config(disable=True)
+    if settings.compile:
+        compile_denoiser(pipe)
+    info = describe(pipe, model_id=name, source=source, random_weights=random_weights, device=device, dtype=dtype)
+    info = _with_settings_defaults(info, settings)
+    if random_weights:
+        log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
+    log.info("Loaded %s (%s, %s on %s)", name, info.family, info.dtype, device)
+    return LoadedModel(info=info, text2img=pipe)
+
+
+def family_of(pipe: Any) -> str:
+    cls = type(pipe).__name__
+    if cls.startswith("StableDiffusion3"):
+        return "sd3"
+    if cls.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if cls.startswith("Flux"):
+        return "flux"
+    if cls.startswith("StableDiffusion"):
+        return "sd"
+    return "other"
+
+
+def describe(
+    pipe: Any, *, model_id: str, source: str, random_weights: bool, device: str, dtype: torch.dtype
+) -> ModelInfo:
+    family = "tiny" if model_id == "tiny" else family_of(pipe)
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    patch = int(getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1)
+    multiple = vae_factor * patch
+    sample = getattr(pipe, "default_sample_size", None) or getattr(getattr(denoiser, "config", None), "sample_size", 64)
+    side = int(sample) * vae_factor
+    steps, guidance = FAMILY_DEFAULTS.get(family, GENERIC_DEFAULTS)
+    accepts_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
+    return ModelInfo(
+        id=model_id, family=family, source=source, random_weights=random_weights, device=device,
+        dtype=str(dtype).removeprefix("torch."), size_multiple=multiple, default_width=side,
+        default_height=side, default_steps=steps, default_guidance=guidance,
+        supports_negative_prompt=accepts_negative,
+    )
+
+
+def _with_settings_defaults(info: ModelInfo, settings: PodSettings) -> ModelInfo:
+    from dataclasses import replace
+
+    return replace(
+        info,
+        default_steps=settings.default_steps or info.default_steps,
+        default_guidance=info.default_guidance if settings.default_guidance is None else settings.default_guidance,
+    )
+
+
+def compile_denoiser(pipe: Any) -> None:
+    """torch.compile the denoiser (and the VAE decoder) in place; the first batches pay for it."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            setattr(pipe, name, torch.compile(module, mode="max-autotune-no-cudagraphs"))
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune-no-cudagraphs")
