@@ -60,6 +60,10 @@ class PodSettings:
     max_wait_ms: int = setting(
         500, "longest a sample may wait for its batch to fill; only spent when a larger batch pays"
     )
+    batch_policy: str = setting(
+        "auto", "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
+        choices=("auto", "fill"),
+    )
     max_queued_images: int = setting(64, "queued samples beyond which new requests get 429")
     max_images_per_request: int = setting(10, "largest `n` a request may ask for")
     max_pixels: int = setting(2048 * 2048, "largest width*height a request may ask for")
@@ -73,7 +77,7 @@ class PodSettings:
     )
     file_ttl_s: float = setting(3600.0, "how long images of response_format=url stay downloadable")
     file_store_mb: float = setting(512.0, "memory for images kept for response_format=url, in MiB")
-    encode_workers: int = setting(2, "threads that encode images (PNG/JPEG/WebP) and base64")
+    encode_workers: int = setting(4, "threads that encode images (PNG/JPEG/WebP) and base64")
     quarantine_after: int = setting(3, "consecutive failed batches after which the pod quarantines itself")
     warmup: bool = setting(True, "run and time small batches at start-up before reporting ready")
     compile: bool = setting(False, "torch.compile the denoiser (GPU only; slow first start)")
@@ -87,6 +91,11 @@ class PodSettings:
         _non_negative(self, "max_wait_ms", "file_ttl_s")
         if self.default_steps is not None:
             _positive(self, "default_steps")
+        if self.max_queued_images < self.max_images_per_request:
+            raise SettingsError(
+                f"--max-queued-images ({self.max_queued_images}) must be at least "
+                f"--max-images-per-request ({self.max_images_per_request})"
+            )
 
     @property
     def max_body_bytes(self) -> int:
@@ -136,9 +145,10 @@ class ServeSettings:
     gpus: str = setting("all", "GPUs to use: all, none, or a comma separated list such as 0,1")
     pod_base_port: int = setting(8101, "first port of the pod processes (one per GPU)")
     restart_backoff_s: float = setting(1.0, "pause before a crashed pod process is restarted")
+    cpu_pods: int = setting(1, "pod processes to run when no GPU is used (CPU demos, tests, benchmark smoke runs)")
 
     def __post_init__(self) -> None:
-        _positive(self, "pod_base_port")
+        _positive(self, "pod_base_port", "cpu_pods")
 
 
 def _positive(obj: object, *names: str) -> None:

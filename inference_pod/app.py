@@ -156,9 +156,9 @@ async def warm_up(rt: PodRuntime, model: models.LoadedModel, scheduler: Schedule
 async def serve(settings: PodSettings) -> None:
     """Run the pod until cancelled (SIGINT/SIGTERM handled by the CLI)."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=DRAIN_TIMEOUT_S)
+    site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("Pod listening on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
     try:

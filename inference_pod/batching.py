@@ -26,6 +26,10 @@ from typing import Any
 SATURATION = 0.9
 # Waiting for a batch to fill must promise at least this much more throughput per sample.
 MIN_WAIT_GAIN = 0.10
+# While waiting, a batch is closed once no sample arrived for this long (at most), or for this
+# fraction of the batch's own time, whichever is shorter.
+MAX_ARRIVAL_GAP_S = 0.05
+GAP_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -130,25 +134,29 @@ def plan(
     queued: int,
     max_batch: int,
     oldest_age_s: float,
+    since_last_arrival_s: float,
     max_wait_s: float,
     other_keys_waiting: bool,
     batch_seconds: Callable[[int], float | None],
     utilisation: float,
     arrivals_per_s: float,
+    fill: bool = False,
 ) -> Plan:
     """Decide the size of the next batch of one key, and whether to wait for it to fill.
 
     ``queued`` samples of the key are waiting; ``batch_seconds(b)`` is the learned time of a batch
     of ``b`` (None while unknown); ``utilisation`` is the recent GPU demand at batch size 1 (1.0 =
     the GPU would be busy all the time without batching); ``arrivals_per_s`` counts recent samples
-    of this key per second.
+    of this key per second; ``since_last_arrival_s`` is the time since the newest queued sample.
+    ``fill`` (the ``fill`` batch policy) always batches as many samples as allowed.
     """
     limit = min(queued, max_batch)
     if limit <= 0:
         return Plan(0)
     t1, tk = batch_seconds(1), batch_seconds(limit)
     size = limit
-    if utilisation < SATURATION and limit > 1 and t1 is not None and tk is not None:
+    busy = fill or utilisation >= SATURATION
+    if not busy and limit > 1 and t1 is not None and tk is not None:
         # Light load: batch only where it beats running the samples one after another on mean
         # completion time (all k finish at t(k), versus t(1), 2 t(1), ... k t(1)).
         if tk > t1 * (limit + 1) / 2:
@@ -156,12 +164,15 @@ def plan(
     if size < limit or limit >= max_batch or other_keys_waiting:
         return Plan(size)
     remaining = max_wait_s - oldest_age_s
-    if remaining <= 0:
-        return Plan(size)
     tb = batch_seconds(max_batch)
-    if t1 is None or tb is None or tk is None:
+    if remaining <= 0 or t1 is None or tb is None or tk is None:
         return Plan(size)
     gain = (tk / limit) / (tb / max_batch) - 1.0
-    if gain < MIN_WAIT_GAIN or arrivals_per_s * remaining < 1.0:
+    if gain < MIN_WAIT_GAIN or not (busy or arrivals_per_s * remaining >= 1.0):
         return Plan(size)
-    return Plan(size, wait_s=remaining)
+    # Wait while samples keep arriving: a burst (say, clients answered together and sending
+    # again) joins one batch; once the stream pauses for `gap`, waiting longer buys nothing.
+    gap = min(MAX_ARRIVAL_GAP_S, GAP_FRACTION * tk)
+    if since_last_arrival_s >= gap:
+        return Plan(size)
+    return Plan(size, wait_s=min(remaining, gap - since_last_arrival_s))

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagefleet.errors import ClientClosed, InvalidRequest, NotFound, PayloadTooLarge
@@ -149,13 +150,16 @@ async def arm_faults(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidRequest("Expected a JSON object.")
     kind, count, min_batch = body.get("kind", "runtime"), body.get("count", 1), body.get("min_batch", 1)
+    seconds = body.get("seconds", 0.0)
     if not isinstance(count, int) or not isinstance(min_batch, int) or count < 0:
         raise InvalidRequest("count and min_batch must be non-negative integers.")
+    if not isinstance(seconds, (int, float)) or not 0 <= seconds <= 600:
+        raise InvalidRequest("seconds must be a number between 0 and 600.", param="seconds")
     try:
         if count == 0:
             rt.faults.clear()
         else:
-            rt.faults.arm(str(kind), count, min_batch)
+            rt.faults.arm(str(kind), count, min_batch, float(seconds))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="kind") from None
     return json_response({"armed": count, "kind": kind})
@@ -229,7 +233,7 @@ async def _read_form(request: web.Request) -> tuple[dict[str, str], dict[str, li
                     raise InvalidRequest(f"{name} is not valid UTF-8 text.", param=name) from None
     except (InvalidRequest, PayloadTooLarge):
         raise
-    except (ValueError, AssertionError, RuntimeError) as exc:
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise InvalidRequest(f"The multipart body is malformed: {str(exc)[:200]}") from None
     return fields, files
 

@@ -125,6 +125,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending_encodes: set[asyncio.Future[Any]] = set()
+        self._last_arrival = 0.0
 
     # --- lifecycle ---
 
@@ -175,6 +176,7 @@ class Scheduler:
         self.queue.add(job.samples)
         self.arrivals.record(key, request.n, self.costs.seconds(key, 1))
         self.counters.total_requests += 1
+        self._last_arrival = now
         self._wake.set()
         return job
 
@@ -234,11 +236,13 @@ class Scheduler:
                 queued=queued,
                 max_batch=limit,
                 oldest_age_s=time.monotonic() - group[0].enqueued_at,
+                since_last_arrival_s=time.monotonic() - self._last_arrival,
                 max_wait_s=self.settings.max_wait_ms / 1000,
                 other_keys_waiting=self.queue.has_other_keys(key),
                 batch_seconds=lambda b: self.costs.seconds(key, b),
                 utilisation=self.arrivals.utilisation(),
                 arrivals_per_s=self.arrivals.rate(key),
+                fill=self.settings.batch_policy == "fill",
             )
             if decision.wait_s > 0:
                 self._wake.clear()

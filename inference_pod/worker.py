@@ -48,6 +48,7 @@ class BatchRun:
     steps_total: int = 0
     steps_done: int = 0
     started_at: float = 0.0
+    stalled: bool = False  # an injected stall: its timing says nothing about the GPU
 
 
 @dataclass
@@ -61,31 +62,39 @@ class Outcome:
     error: BaseException | None = None
 
 
-class FaultPlan:
-    """The fault-injection test hook: make the next ``count`` batches fail with ``kind``."""
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # "runtime": the pipeline raises; "oom": CUDA out-of-memory; "stall": a slow step
+    min_batch: int = 1
+    seconds: float = 0.0
 
-    KINDS = ("runtime", "oom")
+
+class FaultPlan:
+    """The fault-injection test hook: the next ``count`` batches of at least ``min_batch``
+    samples fail (``runtime``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
+
+    KINDS = ("runtime", "oom", "stall")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, int]] = []
+        self._pending: list[Fault] = []
 
-    def arm(self, kind: str, count: int, min_batch: int = 1) -> None:
+    def arm(self, kind: str, count: int, min_batch: int = 1, seconds: float = 0.0) -> None:
         if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}")
+            raise ValueError(f"kind must be one of {', '.join(self.KINDS)}")
         with self._lock:
-            self._pending.extend([(kind, min_batch)] * count)
+            self._pending.extend([Fault(kind, min_batch, seconds)] * count)
 
     def clear(self) -> None:
         with self._lock:
             self._pending.clear()
 
-    def take(self, batch_size: int) -> str | None:
+    def take(self, batch_size: int) -> Fault | None:
         with self._lock:
-            for i, (kind, min_batch) in enumerate(self._pending):
-                if batch_size >= min_batch:
+            for i, fault in enumerate(self._pending):
+                if batch_size >= fault.min_batch:
                     del self._pending[i]
-                    return kind
+                    return fault
         return None
 
 
@@ -121,7 +130,8 @@ def _run_split(
         _run_split(model, run, indices[:half], outcome, faults)
         _run_split(model, run, indices[half:], outcome, faults)
         return
-    outcome.timings.append((len(indices), time.perf_counter() - started))
+    if not run.stalled:
+        outcome.timings.append((len(indices), time.perf_counter() - started))
     for i, image in zip(indices, images, strict=True):
         outcome.results[i] = image
 
@@ -136,12 +146,16 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample], fault
 
     def on_step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         run.steps_done = step + 1
+        if fault is not None and step == 0:
+            if fault.kind == "stall":
+                run.stalled = True
+                run.stop.wait(fault.seconds)
+            elif fault.kind == "oom":
+                raise torch.OutOfMemoryError("injected out-of-memory")
+            else:
+                raise InjectedFault("injected pipeline fault")
         if run.stop.is_set():
             raise BatchCancelled()
-        if fault == "oom":
-            raise torch.OutOfMemoryError("injected out-of-memory")
-        if fault == "runtime":
-            raise InjectedFault("injected pipeline fault")
         return tensors
 
     kwargs: dict[str, Any] = {

@@ -1,0 +1,132 @@
+"""Batch forming: the queue's grouping and the size/wait policy, without a GPU or a loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from imagefleet.inference_pod.batching import CompatKey, Plan, Queue, Sample, plan
+from imagefleet.inference_pod.costs import ArrivalMeter, CostModel, fit
+
+A = CompatKey("generate", 64, 64, 4, 5.0)
+B = CompatKey("generate", 96, 64, 4, 5.0)
+
+
+def sample(key: CompatKey, job: object = None, t: float = 0.0) -> Sample:
+    return Sample(key=key, job=job, index=0, prompt="p", negative_prompt=None, seed=0, enqueued_at=t)
+
+
+def test_oldest_group_takes_the_oldest_key_in_fifo_order_up_to_the_limit() -> None:
+    q = Queue()
+    items = [sample(B), sample(A), sample(B), sample(A), sample(B)]
+    q.add(items)
+    group = q.oldest_group(2)
+    assert group == [items[0], items[2]]
+    q.take(group)
+    assert list(q) == [items[1], items[3], items[4]]
+    assert q.groups() == {A: 2, B: 1}
+
+
+def test_remove_drops_a_jobs_samples() -> None:
+    q = Queue()
+    job = object()
+    q.add([sample(A, job), sample(A), sample(B, job)])
+    assert len(q.remove(lambda s: s.job is job)) == 2 and len(q) == 1
+
+
+def affine(a: float, c: float) -> Callable[[int], float | None]:
+    return lambda b: a + c * b
+
+
+def decide(queued: int, curve: Callable[[int], float | None], utilisation: float, **kw: object) -> Plan:
+    args: dict[str, object] = dict(
+        queued=queued, max_batch=4, oldest_age_s=0.0, since_last_arrival_s=0.0, max_wait_s=0.5,
+        other_keys_waiting=False, batch_seconds=curve, utilisation=utilisation, arrivals_per_s=0.0,
+    )
+    args.update(kw)
+    return plan(**args)  # type: ignore[arg-type]
+
+
+# SD3.5-Medium at 1024x1024 on an H100 (BASELINES.md): one image nearly fills the GPU.
+DIT = affine(0.47, 2.24)
+# A small UNet at 512x512: per-call overhead dominates, batching is almost free.
+UNET = affine(0.45, 0.02)
+
+
+def test_light_load_runs_one_at_a_time_when_batching_buys_little() -> None:
+    assert decide(3, DIT, utilisation=0.3) == Plan(1)
+
+
+def test_light_load_batches_when_overhead_dominates() -> None:
+    assert decide(3, UNET, utilisation=0.3) == Plan(3)
+
+
+def test_sustained_load_fills_batches_even_when_the_gain_is_small() -> None:
+    assert decide(4, DIT, utilisation=1.2) == Plan(4)
+    assert decide(9, DIT, utilisation=1.2) == Plan(4)
+
+
+def test_a_lone_request_does_not_wait_under_light_load() -> None:
+    assert decide(1, UNET, utilisation=0.1) == Plan(1)
+
+
+MID = affine(1.0, 1.0)  # a batch of 4 costs 1.25 per sample against 1.5 for a batch of 2
+
+
+def test_waits_for_a_burst_under_sustained_load_and_stops_when_it_pauses() -> None:
+    waiting = decide(2, MID, utilisation=1.2, since_last_arrival_s=0.01)
+    assert waiting.size == 2 and 0 < waiting.wait_s <= 0.05
+    assert decide(2, MID, utilisation=1.2, since_last_arrival_s=0.2) == Plan(2)
+
+
+def test_does_not_wait_for_company_worth_less_than_the_threshold() -> None:
+    assert decide(2, DIT, utilisation=1.2, since_last_arrival_s=0.01) == Plan(2)  # 2 -> 4 buys 5%
+
+
+def test_never_waits_past_max_wait_or_while_other_work_is_queued() -> None:
+    assert decide(2, MID, utilisation=1.2, oldest_age_s=0.6) == Plan(2)
+    assert decide(2, MID, utilisation=1.2, other_keys_waiting=True) == Plan(2)
+
+
+def test_no_wait_when_a_full_batch_buys_less_than_the_threshold() -> None:
+    flat = affine(0.0, 1.0)  # perfectly linear: batching buys nothing
+    assert decide(2, flat, utilisation=1.2) == Plan(2)
+
+
+def test_unknown_costs_batch_without_waiting() -> None:
+    assert decide(3, lambda b: None, utilisation=0.0) == Plan(3)
+
+
+def test_fill_policy_always_batches_as_many_as_allowed() -> None:
+    assert decide(3, DIT, utilisation=0.0, fill=True) == Plan(3)
+
+
+def test_fit_recovers_an_affine_curve() -> None:
+    line = fit([(1, 2.715), (2, 4.957), (4, 9.391), (8, 18.476)])
+    assert line is not None
+    assert abs(line.c - 2.25) < 0.05 and abs(line.a - 0.45) < 0.1
+
+
+def test_cost_model_prices_unseen_keys_by_work() -> None:
+    costs = CostModel()
+    assert costs.seconds(A, 1) is None
+    costs.observe(A, 1, 1.0)
+    costs.observe(A, 4, 1.6)
+    assert abs((costs.seconds(A, 2) or 0) - 1.2) < 1e-6
+    big = CompatKey("generate", 128, 128, 8, 5.0)  # 8x the work of A per sample
+    assert abs((costs.seconds(big, 1) or 0) - 8.0) < 1e-6
+    assert costs.unit_seconds(4) > 0
+
+
+def test_cost_model_caps_batches_after_out_of_memory() -> None:
+    costs = CostModel()
+    costs.cap(A, 2)
+    assert costs.max_batch(A, 8) == 2 and costs.max_batch(B, 8) == 8
+
+
+def test_arrival_meter_window() -> None:
+    now = [0.0]
+    meter = ArrivalMeter(window_s=10, clock=lambda: now[0])
+    meter.record(A, 5, solo_seconds=2.0)
+    assert meter.rate(A) == 0.5 and meter.utilisation() == 1.0
+    now[0] = 11.0
+    assert meter.rate(A) == 0.0 and meter.utilisation() == 0.0
