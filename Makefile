@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+PIP := $(VENV)/bin/pip
+# The repository root holds a folder named `operator`, like a standard-library module: keep the
+# current directory off sys.path for every Python started from here (see operator/__init__.py).
+export PYTHONSAFEPATH := 1
 # Where a CPU build of torch may already lie as a wheel (pip's find-links on this kind of machine).
 TORCH_WHEEL_DIR ?= /opt/wheels
 TORCH_VERSION ?= 2.11.0
@@ -25,10 +28,10 @@ run: install ## local mode: router + one CPU pod serving the built-in `tiny` mod
 	$(VENV)/bin/imagefleet serve --model tiny
 
 test: install k8s-tools ## every CPU test, the real control-plane tests included
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install ## unit and component tests only
-	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
 
 lint: install ## ruff and mypy --strict
 	$(VENV)/bin/ruff check imagefleet inference_pod router operator tests bench
@@ -36,7 +39,7 @@ lint: install ## ruff and mypy --strict
 	bash tools/typecheck.sh $(VENV)/bin/mypy
 
 bench: install ## CPU benchmarks (GPU ones: see docs/benchmarks.md)
-	$(PY) -m bench.router_overhead
+	PYTHONPATH=. $(PY) -m bench.router_overhead
 
 images: ## container image of the inference pod (needs a Docker engine)
 	docker build -t imagefleet:dev .

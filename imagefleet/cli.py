@@ -25,7 +25,9 @@ from imagefleet.settings import PodSettings, RouterSettings, ServeSettings, Sett
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagefleet", description="Self-hosted image generation that scales out.")
+    parser = argparse.ArgumentParser(
+        prog="imagefleet", description="Self-hosted image generation that scales out."
+    )
     parser.add_argument("--version", action="version", version=f"imagefleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -37,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="local mode: a router plus one pod process per GPU")
     settings.add_arguments(serve, ServeSettings, title="local mode")
-    settings.add_arguments(serve, RouterSettings, title="router",
-                           exclude=("discovery", "backends", "namespace", "selector", "backend_port", "log_level"))
-    settings.add_arguments(serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb"))
+    settings.add_arguments(
+        serve,
+        RouterSettings,
+        title="router",
+        exclude=("discovery", "backends", "namespace", "selector", "backend_port", "log_level"),
+    )
+    settings.add_arguments(
+        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb")
+    )
     return parser
 
 

@@ -39,8 +39,19 @@ _NO_OP_HINT = {
     "partial_images": "this server answers with complete images only",
 }
 _COMMON_FIELDS = (
-    "prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "user",
-    "negative_prompt", "num_inference_steps", "guidance_scale", "seed", *_NO_OP_VALUES,
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "model",
+    "user",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    *_NO_OP_VALUES,
 )
 GENERATION_FIELDS = frozenset(_COMMON_FIELDS)
 EDIT_FIELDS = frozenset((*_COMMON_FIELDS, "strength"))
@@ -122,7 +133,9 @@ def parse_size(value: str, limits: Limits, param: str = "size") -> tuple[int, in
     """``"WxH"`` -> (width, height), checked against the model's multiple and the pixel bounds."""
     match = _SIZE.match(value.strip().lower())
     if not match:
-        raise InvalidRequest(f"size must look like '1024x1024' (WIDTHxHEIGHT), got {value[:40]!r}.", param=param)
+        raise InvalidRequest(
+            f"size must look like '1024x1024' (WIDTHxHEIGHT), got {value[:40]!r}.", param=param
+        )
     width, height = int(match.group(1)), int(match.group(2))
     check_size(width, height, limits, param)
     return width, height
@@ -131,7 +144,9 @@ def parse_size(value: str, limits: Limits, param: str = "size") -> tuple[int, in
 def check_size(width: int, height: int, limits: Limits, param: str = "size") -> None:
     m = limits.size_multiple
     if width < m or height < m:
-        raise InvalidRequest(f"size {width}x{height} is too small: each side must be at least {m}.", param=param)
+        raise InvalidRequest(
+            f"size {width}x{height} is too small: each side must be at least {m}.", param=param
+        )
     if width % m or height % m:
         raise InvalidRequest(
             f"size {width}x{height}: width and height must be multiples of {m} for this model.", param=param
@@ -154,7 +169,9 @@ def check_size(width: int, height: int, limits: Limits, param: str = "size") -> 
 def _reject_unknown(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
     for key in body:
         if key not in allowed:
-            raise InvalidRequest(f"Unknown parameter: '{str(key)[:64]}'.", param=str(key)[:64], code="unknown_parameter")
+            raise InvalidRequest(
+                f"Unknown parameter: '{str(key)[:64]}'.", param=str(key)[:64], code="unknown_parameter"
+            )
 
 
 def _parse_common(body: Mapping[str, Any], limits: Limits, task: Task, get: Any) -> ImageRequest:
@@ -194,7 +211,8 @@ def _parse_common(body: Mapping[str, Any], limits: Limits, task: Task, get: Any)
     if model is not None and model != limits.model:
         raise NotFound(
             f"The model '{model[:200]}' is not served here; this server serves '{limits.model}'.",
-            param="model", code="model_not_found",
+            param="model",
+            code="model_not_found",
         )
 
     steps = get("num_inference_steps", int)
@@ -205,7 +223,9 @@ def _parse_common(body: Mapping[str, Any], limits: Limits, task: Task, get: Any)
         )
     guidance = get("guidance_scale", float)
     if guidance is not None and not 0.0 <= guidance <= MAX_GUIDANCE:
-        raise InvalidRequest(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}.", param="guidance_scale")
+        raise InvalidRequest(
+            f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}.", param="guidance_scale"
+        )
     if negative is not None and guidance is not None and guidance <= 1.0:
         raise InvalidRequest(
             "negative_prompt needs guidance_scale > 1 (classifier-free guidance is off at <= 1).",
@@ -222,13 +242,26 @@ def _parse_common(body: Mapping[str, Any], limits: Limits, task: Task, get: Any)
         value = get(name, type(allowed[0]))
         if value is not None and value not in allowed:
             raise InvalidRequest(
-                f"{name}={value!r} is not supported: {_NO_OP_HINT[name]}.", param=name, code="unsupported_parameter"
+                f"{name}={value!r} is not supported: {_NO_OP_HINT[name]}.",
+                param=name,
+                code="unsupported_parameter",
             )
 
     return ImageRequest(
-        task=task, prompt=prompt, n=n, width=width, height=height, response_format=response_format,
-        output_format=output_format, output_compression=compression, model=model, user=user,
-        negative_prompt=negative, steps=steps, guidance=guidance, seed=seed,
+        task=task,
+        prompt=prompt,
+        n=n,
+        width=width,
+        height=height,
+        response_format=response_format,
+        output_format=output_format,
+        output_compression=compression,
+        model=model,
+        user=user,
+        negative_prompt=negative,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
     )
 
 
@@ -284,7 +317,9 @@ def _form_getter(fields: Mapping[str, str]) -> Any:
                 return text.lower() == "true"
             value = kind(text)
         except ValueError:
-            raise InvalidRequest(f"{name} must be {_TYPE_NAMES[kind]}, got {raw[:40]!r}.", param=name) from None
+            raise InvalidRequest(
+                f"{name} must be {_TYPE_NAMES[kind]}, got {raw[:40]!r}.", param=name
+            ) from None
         if kind is float and not math.isfinite(value):
             raise InvalidRequest(f"{name} must be a finite number.", param=name)
         return value

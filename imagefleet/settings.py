@@ -61,7 +61,8 @@ class PodSettings:
         500, "longest a sample may wait for its batch to fill; only spent when a larger batch pays"
     )
     batch_policy: str = setting(
-        "auto", "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
+        "auto",
+        "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
         choices=("auto", "fill"),
     )
     max_queued_images: int = setting(64, "queued samples beyond which new requests get 429")
@@ -115,7 +116,8 @@ class RouterSettings:
     backend_port: int = setting(8001, "port the pods listen on (discovery=kubernetes)")
     poll_interval_ms: int = setting(100, "how often each backend's load report is fetched")
     pick: str = setting(
-        "least-wait", "backend choice: lowest expected wait with jitter, or power of two choices",
+        "least-wait",
+        "backend choice: lowest expected wait with jitter, or power of two choices",
         choices=("least-wait", "p2c"),
     )
     request_timeout_s: float = setting(600.0, "a request still unanswered after this gets 504")
@@ -145,7 +147,9 @@ class ServeSettings:
     gpus: str = setting("all", "GPUs to use: all, none, or a comma separated list such as 0,1")
     pod_base_port: int = setting(8101, "first port of the pod processes (one per GPU)")
     restart_backoff_s: float = setting(1.0, "pause before a crashed pod process is restarted")
-    cpu_pods: int = setting(1, "pod processes to run when no GPU is used (CPU demos, tests, benchmark smoke runs)")
+    cpu_pods: int = setting(
+        1, "pod processes to run when no GPU is used (CPU demos, tests, benchmark smoke runs)"
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "pod_base_port", "cpu_pods")
@@ -183,19 +187,28 @@ def add_arguments(
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {shown or 'none'}]"
         if kind is bool:
             group.add_argument(
-                flag_name(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
                 help=help_text,
             )
         else:
             group.add_argument(
-                flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(),
-                choices=f.metadata.get("choices"), help=help_text,
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                metavar=f.name.upper(),
+                choices=f.metadata.get("choices"),
+                help=help_text,
             )
 
 
 def load(
-    cls: type[T], args: argparse.Namespace | Mapping[str, Any] | None = None,
-    env: Mapping[str, str] | None = None, **overrides: Any,
+    cls: type[T],
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
 ) -> T:
     """Build ``cls`` from (highest first) ``overrides``, parsed flags, the environment, defaults."""
     env = os.environ if env is None else env

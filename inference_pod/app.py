@@ -8,6 +8,7 @@ pod can serve. On shutdown the pod drains: it refuses new work and finishes what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -35,7 +36,9 @@ _COUNTED = {"/v1/images/generations": "generations", "/v1/images/edits": "edits"
 
 def create_app(settings: PodSettings, *, model: models.LoadedModel | None = None) -> web.Application:
     """Build the pod app. ``model`` skips loading (tests that share one loaded pipeline)."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[count_requests, error_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[count_requests, error_middleware]
+    )
     app[SETTINGS] = settings
     app[RUNTIME] = PodRuntime(
         settings=settings,
@@ -67,10 +70,8 @@ async def _runtime_ctx(app: web.Application, preloaded: models.LoadedModel | Non
     task = asyncio.get_running_loop().create_task(_bring_up(rt, preloaded), name="model-load")
     yield
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
-    except (asyncio.CancelledError, Exception):
-        pass
     if rt.scheduler is not None:
         await rt.scheduler.stop()
     rt.gpu.shutdown(wait=False, cancel_futures=True)
@@ -87,7 +88,7 @@ async def _bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> Non
     loop = asyncio.get_running_loop()
     settings = rt.settings
     try:
-        model = preloaded or await loop.run_in_executor(rt.gpu, models.load, settings)
+        model = preloaded if preloaded is not None else await loop.run_in_executor(rt.gpu, models.load, settings)
     except Exception as exc:
         log.exception("Loading %s failed", settings.model)
         rt.load_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -95,18 +96,34 @@ async def _bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> Non
     info = model.info
     rt.model = model
     rt.limits = Limits(
-        model=info.id, max_n=settings.max_images_per_request, max_pixels=settings.max_pixels,
-        max_side=settings.max_side, size_multiple=info.size_multiple, max_steps=settings.max_steps,
-        max_prompt_chars=settings.max_prompt_chars, default_width=info.default_width,
+        model=info.id,
+        max_n=settings.max_images_per_request,
+        max_pixels=settings.max_pixels,
+        max_side=settings.max_side,
+        size_multiple=info.size_multiple,
+        max_steps=settings.max_steps,
+        max_prompt_chars=settings.max_prompt_chars,
+        default_width=info.default_width,
         default_height=info.default_height,
     )
-    rt.metrics.model.info({
-        "model": info.id, "family": info.family, "random_weights": str(info.random_weights).lower(),
-        "device": info.device, "dtype": info.dtype,
-    })
+    rt.metrics.model.info(
+        {
+            "model": info.id,
+            "family": info.family,
+            "random_weights": str(info.random_weights).lower(),
+            "device": info.device,
+            "dtype": info.dtype,
+        }
+    )
     scheduler = Scheduler(
-        settings, functools.partial(worker.execute, model, faults=rt.faults), rt.gpu, rt.cpu, rt.metrics,
-        model_id=info.id, default_steps=info.default_steps, default_width=info.default_width,
+        settings,
+        functools.partial(worker.execute, model, faults=rt.faults),
+        rt.gpu,
+        rt.cpu,
+        rt.metrics,
+        model_id=info.id,
+        default_steps=info.default_steps,
+        default_width=info.default_width,
         default_height=info.default_height,
     )
     rt.metrics.bind(
@@ -136,7 +153,9 @@ async def warm_up(rt: PodRuntime, model: models.LoadedModel, scheduler: Schedule
     started = time.monotonic()
     for i, size in enumerate(sizes):
         samples = [
-            Sample(key=key, job=None, index=j, prompt="warm-up", negative_prompt=None, seed=j, enqueued_at=0.0)
+            Sample(
+                key=key, job=None, index=j, prompt="warm-up", negative_prompt=None, seed=j, enqueued_at=0.0
+            )
             for j in range(size)
         ]
         run = worker.BatchRun(key=key, samples=samples)
@@ -149,8 +168,13 @@ async def warm_up(rt: PodRuntime, model: models.LoadedModel, scheduler: Schedule
                 scheduler.costs.observe(key, n, t)
         if outcome.oom_cap is not None:
             scheduler.costs.cap(key, outcome.oom_cap)
-    log.info("Warm-up done in %.1f s: batch 1 %.3f s, batch %d %.3f s", time.monotonic() - started,
-             scheduler.costs.seconds(key, 1) or 0, sizes[-1], scheduler.costs.seconds(key, sizes[-1]) or 0)
+    log.info(
+        "Warm-up done in %.1f s: batch 1 %.3f s, batch %d %.3f s",
+        time.monotonic() - started,
+        scheduler.costs.seconds(key, 1) or 0,
+        sizes[-1],
+        scheduler.costs.seconds(key, sizes[-1]) or 0,
+    )
 
 
 async def serve(settings: PodSettings) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +88,7 @@ class Queue:
     def __len__(self) -> int:
         return len(self._samples)
 
-    def __iter__(self) -> Iterable[Sample]:
+    def __iter__(self) -> Iterator[Sample]:
         return iter(self._samples)
 
     def add(self, samples: Iterable[Sample]) -> None:
@@ -156,11 +156,10 @@ def plan(
     t1, tk = batch_seconds(1), batch_seconds(limit)
     size = limit
     busy = fill or utilisation >= SATURATION
-    if not busy and limit > 1 and t1 is not None and tk is not None:
-        # Light load: batch only where it beats running the samples one after another on mean
-        # completion time (all k finish at t(k), versus t(1), 2 t(1), ... k t(1)).
-        if tk > t1 * (limit + 1) / 2:
-            size = 1
+    # Light load: batch only where it beats running the samples one after another on mean
+    # completion time (all k finish at t(k), versus t(1), 2 t(1), ... k t(1)).
+    if not busy and limit > 1 and t1 is not None and tk is not None and tk > t1 * (limit + 1) / 2:
+        size = 1
     if size < limit or limit >= max_batch or other_keys_waiting:
         return Plan(size)
     remaining = max_wait_s - oldest_age_s

@@ -30,7 +30,7 @@ async def generations(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     started = time.monotonic()
     body = await read_json(request)
-    model, scheduler, limits = rt.serving()
+    _model, scheduler, limits = rt.serving()
     req = parse_generation(body, limits)
     _check_model_support(req, rt)
     req = _with_defaults(req, rt)
@@ -60,7 +60,11 @@ async def edits(request: web.Request) -> web.Response:
     size = (req.width, req.height) if req.width and req.height else None
     loop = asyncio.get_running_loop()
     image, mask, original = await loop.run_in_executor(
-        rt.cpu, uploads.prepare, images[0], masks[0] if masks else None, size,
+        rt.cpu,
+        uploads.prepare,
+        images[0],
+        masks[0] if masks else None,
+        size,
         UPLOAD_PIXEL_FACTOR * rt.settings.max_pixels,
     )
     if size is None:
@@ -85,20 +89,29 @@ async def get_file(request: web.Request) -> web.Response:
     image = rt.files.get(file_id)
     if image is None:
         raise NotFound(f"No image '{file_id[:80]}' here: it expired or never existed.", param="file_id")
-    return web.Response(body=image.data, content_type=image.content_type, headers={"Cache-Control": "private, max-age=3600"})
+    return web.Response(
+        body=image.data, content_type=image.content_type, headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     entry: dict[str, Any] = {
-        "id": rt.settings.model, "object": "model", "created": int(rt.started_at), "owned_by": "imagefleet",
+        "id": rt.settings.model,
+        "object": "model",
+        "created": int(rt.started_at),
+        "owned_by": "imagefleet",
     }
     if rt.model is not None:
         info = rt.model.info
         entry.update(
-            random_weights=info.random_weights, family=info.family, source=info.source,
-            default_size=f"{info.default_width}x{info.default_height}", default_steps=info.default_steps,
-            default_guidance_scale=info.default_guidance, size_multiple=info.size_multiple,
+            random_weights=info.random_weights,
+            family=info.family,
+            source=info.source,
+            default_size=f"{info.default_width}x{info.default_height}",
+            default_steps=info.default_steps,
+            default_guidance_scale=info.default_guidance,
+            size_multiple=info.size_multiple,
         )
     return json_response({"object": "list", "data": [entry]})
 
@@ -113,8 +126,13 @@ async def readyz(request: web.Request) -> web.Response:
         return json_response({"status": "ready"})
     s = rt.scheduler
     reason = (
-        "load_failed" if rt.load_error else "loading" if s is None or not s.ready
-        else "quarantined" if s.health.quarantined else "draining"
+        "load_failed"
+        if rt.load_error
+        else "loading"
+        if s is None or not s.ready
+        else "quarantined"
+        if s.health.quarantined
+        else "draining"
     )
     return json_response({"status": "not_ready", "reason": reason}, status=503)
 
@@ -188,7 +206,9 @@ def _with_defaults(req: ImageRequest, rt: PodRuntime) -> ImageRequest:
     assert rt.model is not None
     info = rt.model.info
     return req.with_defaults(
-        width=info.default_width, height=info.default_height, steps=info.default_steps,
+        width=info.default_width,
+        height=info.default_height,
+        steps=info.default_steps,
         guidance=info.default_guidance,
     )
 
@@ -215,7 +235,9 @@ async def _read_form(request: web.Request) -> tuple[dict[str, str], dict[str, li
                 raise InvalidRequest("Nested multipart bodies are not supported.")
             name = part.name or ""
             if name not in EDIT_FIELDS and name not in EDIT_FILE_FIELDS:
-                raise InvalidRequest(f"Unknown parameter: '{name[:64]}'.", param=name[:64], code="unknown_parameter")
+                raise InvalidRequest(
+                    f"Unknown parameter: '{name[:64]}'.", param=name[:64], code="unknown_parameter"
+                )
             data = bytearray()
             while chunk := await part.read_chunk(256 * 1024):
                 total += len(chunk)
@@ -251,7 +273,9 @@ def _public_base(request: web.Request) -> str:
     return f"{proto}://{host}{prefix}"
 
 
-def _images_response(request: web.Request, rt: PodRuntime, req: ImageRequest, images: list[Encoded]) -> web.Response:
+def _images_response(
+    request: web.Request, rt: PodRuntime, req: ImageRequest, images: list[Encoded]
+) -> web.Response:
     data: list[dict[str, Any]] = []
     if req.response_format == "url":
         prefix = request.headers.get(PREFIX_HEADER, "")
@@ -263,11 +287,13 @@ def _images_response(request: web.Request, rt: PodRuntime, req: ImageRequest, im
             data.append({"url": f"{base}/v1/images/files/{file_id}", "revised_prompt": None})
     else:
         data = [{"b64_json": image.b64, "revised_prompt": None} for image in images]
-    return json_response({
-        "created": int(time.time()),
-        "data": data,
-        "output_format": req.output_format,
-        "size": f"{req.width}x{req.height}",
-        "background": "opaque",
-        "quality": "auto",
-    })
+    return json_response(
+        {
+            "created": int(time.time()),
+            "data": data,
+            "output_format": req.output_format,
+            "size": f"{req.width}x{req.height}",
+            "background": "opaque",
+            "quality": "auto",
+        }
+    )

@@ -104,7 +104,11 @@ def load(settings: PodSettings) -> LoadedModel:
     elif name.startswith("synthetic:"):
         from imagefleet.inference_pod import synthetic
 
-        pipe, source, random_weights = synthetic.build(name.partition(":")[2], device, dtype), "synthetic", True
+        pipe, source, random_weights = (
+            synthetic.build(name.partition(":")[2], device, dtype),
+            "synthetic",
+            True,
+        )
     else:
         from diffusers import DiffusionPipeline
 
@@ -116,7 +120,9 @@ def load(settings: PodSettings) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     if settings.compile:
         compile_denoiser(pipe)
-    info = describe(pipe, model_id=name, source=source, random_weights=random_weights, device=device, dtype=dtype)
+    info = describe(
+        pipe, model_id=name, source=source, random_weights=random_weights, device=device, dtype=dtype
+    )
     info = _with_settings_defaults(info, settings)
     if random_weights:
         log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
@@ -145,14 +151,24 @@ def describe(
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     patch = int(getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1)
     multiple = vae_factor * patch
-    sample = getattr(pipe, "default_sample_size", None) or getattr(getattr(denoiser, "config", None), "sample_size", 64)
-    side = int(sample) * vae_factor
+    sample = getattr(pipe, "default_sample_size", None) or getattr(
+        getattr(denoiser, "config", None), "sample_size", None
+    )
+    side = int(sample or 64) * vae_factor
     steps, guidance = FAMILY_DEFAULTS.get(family, GENERIC_DEFAULTS)
     accepts_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
     return ModelInfo(
-        id=model_id, family=family, source=source, random_weights=random_weights, device=device,
-        dtype=str(dtype).removeprefix("torch."), size_multiple=multiple, default_width=side,
-        default_height=side, default_steps=steps, default_guidance=guidance,
+        id=model_id,
+        family=family,
+        source=source,
+        random_weights=random_weights,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        size_multiple=multiple,
+        default_width=side,
+        default_height=side,
+        default_steps=steps,
+        default_guidance=guidance,
         supports_negative_prompt=accepts_negative,
     )
 
@@ -163,7 +179,9 @@ def _with_settings_defaults(info: ModelInfo, settings: PodSettings) -> ModelInfo
     return replace(
         info,
         default_steps=settings.default_steps or info.default_steps,
-        default_guidance=info.default_guidance if settings.default_guidance is None else settings.default_guidance,
+        default_guidance=info.default_guidance
+        if settings.default_guidance is None
+        else settings.default_guidance,
     )
 
 

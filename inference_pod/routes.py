@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from imagefleet.loadreport import LOAD_PATH
 from imagefleet.inference_pod import handlers as h
+from imagefleet.loadreport import LOAD_PATH
 
 
 def setup_routes(app: web.Application) -> None:

@@ -9,6 +9,8 @@ next batch starts on the GPU while the last one is encoded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
 import time
@@ -135,10 +137,8 @@ class Scheduler:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in list(self._jobs.values()):
             self._fail(job, Unavailable("The pod is shutting down.", retry_after=1))
 
@@ -163,11 +163,24 @@ class Scheduler:
         key = compat_key(request, has_image=images is not None, has_mask=mask is not None)
         now = time.monotonic()
         seed = request.seed if request.seed is not None else random.randrange(MAX_SEED - request.n)
-        job = Job(request=request, key=key, samples=[], future=asyncio.get_running_loop().create_future(), created=now)
+        job = Job(
+            request=request,
+            key=key,
+            samples=[],
+            future=asyncio.get_running_loop().create_future(),
+            created=now,
+        )
         job.samples = [
             Sample(
-                key=key, job=job, index=i, prompt=request.prompt, negative_prompt=request.negative_prompt,
-                seed=seed + i, enqueued_at=now, image=images[0] if images else None, mask=mask,
+                key=key,
+                job=job,
+                index=i,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=seed + i,
+                enqueued_at=now,
+                image=images[0] if images else None,
+                mask=mask,
             )
             for i in range(request.n)
         ]
@@ -239,17 +252,15 @@ class Scheduler:
                 since_last_arrival_s=time.monotonic() - self._last_arrival,
                 max_wait_s=self.settings.max_wait_ms / 1000,
                 other_keys_waiting=self.queue.has_other_keys(key),
-                batch_seconds=lambda b: self.costs.seconds(key, b),
+                batch_seconds=functools.partial(self.costs.seconds, key),
                 utilisation=self.arrivals.utilisation(),
                 arrivals_per_s=self.arrivals.rate(key),
                 fill=self.settings.batch_policy == "fill",
             )
             if decision.wait_s > 0:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), decision.wait_s)
-                except TimeoutError:
-                    pass
                 continue
             batch = group[: decision.size]
             self.queue.take(batch)
@@ -267,14 +278,29 @@ class Scheduler:
             self.costs.cap(run.key, outcome.oom_cap)
             self.metrics.errors.labels("oom").inc()
         status = "cancelled" if outcome.cancelled else "failed" if outcome.error else "ok"
-        self.recent.append({
-            "size": size, "seconds": round(seconds, 4), "task": run.key.task,
-            "width": run.key.width, "height": run.key.height, "steps": run.key.steps,
-            "steps_done": run.steps_done, "status": status,
-            "requests": sorted({s.job.id for s in run.samples}),
-        })
-        log.info("Batch of %d %s %dx%d x%d steps: %s in %.3f s", size, run.key.task, run.key.width,
-                 run.key.height, run.key.steps, status, seconds)
+        self.recent.append(
+            {
+                "size": size,
+                "seconds": round(seconds, 4),
+                "task": run.key.task,
+                "width": run.key.width,
+                "height": run.key.height,
+                "steps": run.key.steps,
+                "steps_done": run.steps_done,
+                "status": status,
+                "requests": sorted({s.job.id for s in run.samples}),
+            }
+        )
+        log.info(
+            "Batch of %d %s %dx%d x%d steps: %s in %.3f s",
+            size,
+            run.key.task,
+            run.key.width,
+            run.key.height,
+            run.key.steps,
+            status,
+            seconds,
+        )
         if outcome.cancelled:
             self.metrics.images.labels(m.OUTCOME_CANCELLED).inc(size)
             return
@@ -304,14 +330,20 @@ class Scheduler:
             log.error("Quarantined after %d consecutive failed batches", self.health.consecutive_failures)
             self.metrics.errors.labels("quarantine").inc()
             for job in list(self._jobs.values()):  # let the router place queued work elsewhere
-                self.queue.remove(lambda s, j=job: s.job is j)
-                self._fail(job, Unavailable("The pod is quarantined after repeated GPU errors.", code="quarantined"))
+                self._fail(
+                    job, Unavailable("The pod is quarantined after repeated GPU errors.", code="quarantined")
+                )
 
     def _encode(self, job: Job, sample: Sample, image: Any) -> None:
         loop = asyncio.get_running_loop()
         req = job.request
         fut = loop.run_in_executor(
-            self._cpu, encode, image, req.output_format, req.output_compression, req.response_format == "b64_json"
+            self._cpu,
+            encode,
+            image,
+            req.output_format,
+            req.output_compression,
+            req.response_format == "b64_json",
         )
         self._pending_encodes.add(fut)
 
@@ -398,6 +430,10 @@ def compat_key(request: ImageRequest, *, has_image: bool, has_mask: bool) -> Com
     assert request.width and request.height and request.steps and request.guidance is not None
     task = "generate" if not has_image else "inpaint" if has_mask else "img2img"
     return CompatKey(
-        task=task, width=request.width, height=request.height, steps=request.steps,
-        guidance=request.guidance, strength=request.strength if has_image else None,
+        task=task,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        strength=request.strength if has_image else None,
     )

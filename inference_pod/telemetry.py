@@ -26,7 +26,9 @@ class PodMetrics:
             m.POD_QUEUED_SECONDS, "Estimated GPU seconds of queued and running work", registry=r
         )
         self.running_samples = Gauge(m.POD_RUNNING_SAMPLES, "Samples in the batch on the GPU", registry=r)
-        self.quarantined = Gauge(m.POD_QUARANTINED, "1 when repeated GPU errors quarantined the pod", registry=r)
+        self.quarantined = Gauge(
+            m.POD_QUARANTINED, "1 when repeated GPU errors quarantined the pod", registry=r
+        )
         self.ready = Gauge(m.POD_READY, "1 when the model is loaded and the pod accepts work", registry=r)
         self.batch_size = Histogram(
             m.POD_BATCH_SIZE, "Samples per pipeline call", buckets=BATCH_SIZE_BUCKETS, registry=r
@@ -35,15 +37,22 @@ class PodMetrics:
             m.POD_BATCH_SECONDS, "Duration of one pipeline call", buckets=SECONDS_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            m.POD_QUEUE_WAIT_SECONDS, "Time from a sample's arrival to the start of its batch",
-            buckets=SECONDS_BUCKETS, registry=r,
+            m.POD_QUEUE_WAIT_SECONDS,
+            "Time from a sample's arrival to the start of its batch",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.request_seconds = Histogram(
-            m.POD_REQUEST_SECONDS, "Time from a request's arrival to its response",
-            ["endpoint"], buckets=SECONDS_BUCKETS, registry=r,
+            m.POD_REQUEST_SECONDS,
+            "Time from a request's arrival to its response",
+            ["endpoint"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.images = Counter(m.POD_IMAGES, "Images by outcome", ["outcome"], registry=r)
-        self.requests = Counter(m.POD_REQUESTS, "Image requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            m.POD_REQUESTS, "Image requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.errors = Counter(m.POD_ERRORS, "Errors by kind", ["kind"], registry=r)
         self.model = Info(m.POD_MODEL_INFO, "The served model", registry=r)
         for outcome in (m.OUTCOME_COMPLETED, m.OUTCOME_FAILED, m.OUTCOME_CANCELLED):

@@ -19,7 +19,9 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in FORMATS:
-            raise InvalidRequest(f"{param} must be a PNG, JPEG or WebP image, got {image.format}.", param=param)
+            raise InvalidRequest(
+                f"{param} must be a PNG, JPEG or WebP image, got {image.format}.", param=param
+            )
         if image.width * image.height > max_pixels:
             raise InvalidRequest(
                 f"{param} is {image.width}x{image.height}; uploads may have at most {max_pixels} pixels.",

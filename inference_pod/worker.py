@@ -126,7 +126,9 @@ def _run_split(
             outcome.results[indices[0]] = SampleFailed("oom", "The GPU ran out of memory for this image.")
             return
         half = len(indices) // 2
-        log.warning("Out of memory at batch size %d; retrying as %d + %d", len(indices), half, len(indices) - half)
+        log.warning(
+            "Out of memory at batch size %d; retrying as %d + %d", len(indices), half, len(indices) - half
+        )
         _run_split(model, run, indices[:half], outcome, faults)
         _run_split(model, run, indices[half:], outcome, faults)
         return
@@ -136,7 +138,9 @@ def _run_split(
         outcome.results[i] = image
 
 
-def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample], faults: FaultPlan | None) -> list[Any]:
+def run_pipeline(
+    model: LoadedModel, run: BatchRun, samples: list[Sample], faults: FaultPlan | None
+) -> list[Any]:
     """One pipeline call for ``samples`` (which share ``run.key``)."""
     key = run.key
     pipe = model.pipeline(key.task)

@@ -24,8 +24,14 @@ class Pod:
         self.url = server.url
 
     def request(
-        self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
-        raw: bytes | None = None, timeout: float = 60.0,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        timeout: float = 60.0,
     ) -> tuple[int, dict[str, str], Any]:
         """Send a request; (status, headers, JSON body or raw bytes)."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -44,7 +50,9 @@ class Pod:
             return status, resp_headers, payload
 
     def generate(self, timeout: float = 60.0, **fields: Any) -> tuple[int, Any]:
-        status, _, body = self.request("POST", "/v1/images/generations", {"prompt": "a red fox", **fields}, timeout=timeout)
+        status, _, body = self.request(
+            "POST", "/v1/images/generations", {"prompt": "a red fox", **fields}, timeout=timeout
+        )
         return status, body
 
     def metrics(self) -> str:

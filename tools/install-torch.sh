@@ -7,19 +7,19 @@ set -euo pipefail
 py=${1:?usage: install-torch.sh PYTHON}
 version=${TORCH_VERSION:-2.11.0}
 dir=${TORCH_WHEEL_DIR:-/opt/wheels}
-if "$py" -c "import torch" 2>/dev/null; then
+if "$py" -P -c "import torch" 2>/dev/null; then
   echo "torch $("$py" -c 'import torch; print(torch.__version__)') already installed"; exit 0
 fi
 shopt -s nullglob
 wheels=("$dir"/torch-*+cpu*.whl)
 if ((${#wheels[@]})); then
   echo "installing torch from ${wheels[-1]}"
-  exec "$py" -m pip install -q "${wheels[-1]}"
+  exec "$py" -P -m pip install -q "${wheels[-1]}"
 fi
 if curl -fsS -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then
   echo "installing torch==$version from PyTorch's CPU index"
-  exec "$py" -m pip install -q "torch==$version" --index-url https://download.pytorch.org/whl/cpu \
+  exec "$py" -P -m pip install -q "torch==$version" --index-url https://download.pytorch.org/whl/cpu \
     --extra-index-url https://pypi.org/simple
 fi
 echo "installing torch==$version from PyPI (no CPU wheel on disk, CPU index unreachable)"
-exec "$py" -m pip install -q "torch==$version"
+exec "$py" -P -m pip install -q "torch==$version"

@@ -68,13 +68,17 @@ def wait_ready(base_url: str, timeout: float = 120.0) -> None:
 class ServerThread:
     """Serve an aiohttp app on a background thread with its own event loop."""
 
-    def __init__(self, app_factory: Callable[[], web.Application], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app_factory: Callable[[], web.Application], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self._factory = app_factory
         self.host = host
         self.port = port or free_port(host)
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"server-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"server-{self.port}", daemon=True
+        )
         self.app: web.Application | None = None
 
     @property
@@ -141,8 +145,21 @@ class PodProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imagefleet", "pod", "--host", self.host, "--port", str(self.port), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "imagefleet",
+                "pod",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
         )
         log.close()
         return self

@@ -71,7 +71,12 @@ JSON_CASES: list[tuple[str, Any, int, str | None]] = [
     ("size-side-too-long", {"prompt": "a", "size": "8192x64"}, 400, "size"),
     ("response-format", {"prompt": "a", "response_format": "gif"}, 400, "response_format"),
     ("output-format", {"prompt": "a", "output_format": "bmp"}, 400, "output_format"),
-    ("compression-101", {"prompt": "a", "output_format": "jpeg", "output_compression": 101}, 400, "output_compression"),
+    (
+        "compression-101",
+        {"prompt": "a", "output_format": "jpeg", "output_compression": 101},
+        400,
+        "output_compression",
+    ),
     ("compression-png", {"prompt": "a", "output_compression": 50}, 400, "output_compression"),
     ("steps-negative", {"prompt": "a", "num_inference_steps": -1}, 400, "num_inference_steps"),
     ("steps-zero", {"prompt": "a", "num_inference_steps": 0}, 400, "num_inference_steps"),
@@ -83,7 +88,12 @@ JSON_CASES: list[tuple[str, Any, int, str | None]] = [
     ("seed-string", {"prompt": "a", "seed": "abc"}, 400, "seed"),
     ("seed-huge", {"prompt": "a", "seed": 2**70}, 400, "seed"),
     ("negative-prompt-int", {"prompt": "a", "negative_prompt": 123}, 400, "negative_prompt"),
-    ("negative-prompt-without-cfg", {"prompt": "a", "negative_prompt": "blur", "guidance_scale": 1.0}, 400, "negative_prompt"),
+    (
+        "negative-prompt-without-cfg",
+        {"prompt": "a", "negative_prompt": "blur", "guidance_scale": 1.0},
+        400,
+        "negative_prompt",
+    ),
     ("unknown-model", {"prompt": "a", "model": "dall-e-3"}, 404, "model"),
     ("unknown-field", {"prompt": "a", "foo": 1}, 400, "foo"),
     ("style-not-honoured", {"prompt": "a", "style": "vivid"}, 400, "style"),
@@ -99,18 +109,37 @@ RAW_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("malformed-json", "POST", GEN, b'{"prompt": ', {"Content-Type": "application/json"}, 400),
     ("json-array", "POST", GEN, b"[]", {"Content-Type": "application/json"}, 400),
     ("json-string", "POST", GEN, b'"a cat"', {"Content-Type": "application/json"}, 400),
-    ("json-nan", "POST", GEN, b'{"prompt": "a", "guidance_scale": NaN}', {"Content-Type": "application/json"}, 400),
+    (
+        "json-nan",
+        "POST",
+        GEN,
+        b'{"prompt": "a", "guidance_scale": NaN}',
+        {"Content-Type": "application/json"},
+        400,
+    ),
     ("deep-json", "POST", GEN, b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}, 400),
     ("invalid-utf8", "POST", GEN, b'{"prompt": "\xff\xfe"}', {"Content-Type": "application/json"}, 400),
     ("wrong-content-type", "POST", GEN, b'{"prompt": "a"}', {"Content-Type": "text/plain"}, 415),
     ("no-content-type", "POST", GEN, b'{"prompt": "a"}', {"Content-Type": ""}, 415),
-    ("oversize-body", "POST", GEN, b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}',
-     {"Content-Type": "application/json"}, 413),
+    (
+        "oversize-body",
+        "POST",
+        GEN,
+        b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+        {"Content-Type": "application/json"},
+        413,
+    ),
     ("get-on-post-route", "GET", GEN, b"", {}, 405),
     ("unknown-route", "GET", "/v1/images/variations", b"", {}, 404),
     ("edits-json", "POST", EDIT, b'{"prompt": "a"}', {"Content-Type": "application/json"}, 415),
-    ("broken-multipart", "POST", EDIT, b"--xyz\r\nthis is not a part\r\n",
-     {"Content-Type": "multipart/form-data; boundary=xyz"}, 400),
+    (
+        "broken-multipart",
+        "POST",
+        EDIT,
+        b"--xyz\r\nthis is not a part\r\n",
+        {"Content-Type": "multipart/form-data; boundary=xyz"},
+        400,
+    ),
     ("multipart-no-boundary", "POST", EDIT, b"abc", {"Content-Type": "multipart/form-data"}, 400),
     ("unknown-file", "GET", "/v1/images/files/nothere.png", b"", {}, 404),
     ("traversal-file", "GET", "/v1/images/files/..%2F..%2Fetc%2Fpasswd", b"", {}, 404),
@@ -118,21 +147,58 @@ RAW_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
 
 EDIT_CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("missing-image", {"prompt": "a"}, 400, "image"),
-    ("non-image-upload", {"prompt": "a", "image": ("a.png", b"hello, not an image", "image/png")}, 400, "image"),
+    (
+        "non-image-upload",
+        {"prompt": "a", "image": ("a.png", b"hello, not an image", "image/png")},
+        400,
+        "image",
+    ),
     ("truncated-png", {"prompt": "a", "image": ("a.png", png()[:60], "image/png")}, 400, "image"),
     ("gif-upload", {"prompt": "a", "image": ("a.gif", png(fmt="GIF"), "image/gif")}, 400, "image"),
-    ("mask-other-size", {"prompt": "a", "image": ("a.png", png((64, 64)), "image/png"),
-                         "mask": ("m.png", png((32, 32)), "image/png")}, 400, "mask"),
-    ("mask-not-image", {"prompt": "a", "image": ("a.png", png(), "image/png"),
-                        "mask": ("m.png", b"nope", "image/png")}, 400, "mask"),
-    ("two-images", {"prompt": "a", "image[]": [("a.png", png(), "image/png"), ("b.png", png(), "image/png")]}, 400, "image"),
-    ("unknown-form-field", {"prompt": "a", "image": ("a.png", png(), "image/png"), "colour": "red"}, 400, "colour"),
+    (
+        "mask-other-size",
+        {
+            "prompt": "a",
+            "image": ("a.png", png((64, 64)), "image/png"),
+            "mask": ("m.png", png((32, 32)), "image/png"),
+        },
+        400,
+        "mask",
+    ),
+    (
+        "mask-not-image",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "mask": ("m.png", b"nope", "image/png")},
+        400,
+        "mask",
+    ),
+    (
+        "two-images",
+        {"prompt": "a", "image[]": [("a.png", png(), "image/png"), ("b.png", png(), "image/png")]},
+        400,
+        "image",
+    ),
+    (
+        "unknown-form-field",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "colour": "red"},
+        400,
+        "colour",
+    ),
     ("strength-2", {"prompt": "a", "image": ("a.png", png(), "image/png"), "strength": "2"}, 400, "strength"),
-    ("strength-text", {"prompt": "a", "image": ("a.png", png(), "image/png"), "strength": "abc"}, 400, "strength"),
+    (
+        "strength-text",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "strength": "abc"},
+        400,
+        "strength",
+    ),
     ("n-text", {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "many"}, 400, "n"),
     ("edit-missing-prompt", {"image": ("a.png", png(), "image/png")}, 400, "prompt"),
     ("edit-size-not-multiple", {"prompt": "a", "image": ("a.png", png((60, 60)), "image/png")}, 400, "image"),
-    ("oversize-upload", {"prompt": "a", "image": ("a.png", b"\x89PNG" + b"0" * (2 * 1024 * 1024), "image/png")}, 413, None),
+    (
+        "oversize-upload",
+        {"prompt": "a", "image": ("a.png", b"\x89PNG" + b"0" * (2 * 1024 * 1024), "image/png")},
+        413,
+        None,
+    ),
 ]
 
 
@@ -154,7 +220,9 @@ def assert_still_serving(pod: Pod) -> None:
     assert len(body["data"]) == 1
 
 
-@pytest.mark.parametrize(("body", "status", "param"), [c[1:] for c in JSON_CASES], ids=[c[0] for c in JSON_CASES])
+@pytest.mark.parametrize(
+    ("body", "status", "param"), [c[1:] for c in JSON_CASES], ids=[c[0] for c in JSON_CASES]
+)
 def test_bad_generation_fields(small_pod: Pod, body: Any, status: int, param: str | None) -> None:
     got, _, answer = small_pod.request("POST", GEN, body)
     assert_envelope(got, answer, status, param)
@@ -164,13 +232,17 @@ def test_bad_generation_fields(small_pod: Pod, body: Any, status: int, param: st
 @pytest.mark.parametrize(
     ("method", "path", "raw", "headers", "status"), [c[1:] for c in RAW_CASES], ids=[c[0] for c in RAW_CASES]
 )
-def test_bad_raw_requests(small_pod: Pod, method: str, path: str, raw: bytes, headers: dict[str, str], status: int) -> None:
+def test_bad_raw_requests(
+    small_pod: Pod, method: str, path: str, raw: bytes, headers: dict[str, str], status: int
+) -> None:
     got, _, answer = small_pod.request(method, path, raw=raw if method == "POST" else None, headers=headers)
     assert_envelope(got, answer if isinstance(answer, dict) else json.loads(answer or b"{}"), status, None)
     assert_still_serving(small_pod)
 
 
-@pytest.mark.parametrize(("fields", "status", "param"), [c[1:] for c in EDIT_CASES], ids=[c[0] for c in EDIT_CASES])
+@pytest.mark.parametrize(
+    ("fields", "status", "param"), [c[1:] for c in EDIT_CASES], ids=[c[0] for c in EDIT_CASES]
+)
 def test_bad_edits(small_pod: Pod, fields: dict[str, Any], status: int, param: str | None) -> None:
     flat: list[tuple[str, Any]] = []
     for name, value in fields.items():

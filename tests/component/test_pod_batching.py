@@ -18,7 +18,9 @@ from imagefleet.testing.servers import wait_until
 from tests.conftest import Pod, PodFactory
 
 
-def start_blocker(pod: Pod, pool: ThreadPoolExecutor, seconds: float, **fields: Any) -> Future[tuple[int, Any]]:
+def start_blocker(
+    pod: Pod, pool: ThreadPoolExecutor, seconds: float, **fields: Any
+) -> Future[tuple[int, Any]]:
     """Occupy the GPU: one request whose batch stalls ``seconds`` at its first step."""
     pod.arm("stall", seconds=seconds)
     future = pool.submit(pod.generate, size="64x64", **fields)
@@ -71,8 +73,8 @@ def test_per_request_steps_and_guidance_are_honoured(pod: Pod) -> None:
     pod.generate(size="64x64", num_inference_steps=7, guidance_scale=3.5)
     last = pod.batches()[-1]
     assert last["steps"] == 7 and last["steps_done"] == 7
-    status, a = pod.generate(size="64x64", seed=5, guidance_scale=2.0)
-    status, b = pod.generate(size="64x64", seed=5, guidance_scale=9.0)
+    _, a = pod.generate(size="64x64", seed=5, guidance_scale=2.0)
+    _, b = pod.generate(size="64x64", seed=5, guidance_scale=9.0)
     assert a["data"][0]["b64_json"] != b["data"][0]["b64_json"]
 
 
@@ -82,7 +84,8 @@ def raw_request_then_hang_up(url: str, body: bytes, wait_s: float) -> None:
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         time.sleep(wait_s)
 
@@ -91,7 +94,9 @@ def test_a_disconnected_clients_queued_work_never_runs(make_pod: PodFactory) -> 
     pod = make_pod()
     with ThreadPoolExecutor(4) as pool:
         blocker = start_blocker(pod, pool, seconds=3)
-        gone = pool.submit(raw_request_then_hang_up, pod.url, b'{"prompt": "gone", "size": "128x64", "n": 2}', 0.5)
+        gone = pool.submit(
+            raw_request_then_hang_up, pod.url, b'{"prompt": "gone", "size": "128x64", "n": 2}', 0.5
+        )
         wait_queued(pod, 2)
         gone.result()
         wait_queued(pod, 0)  # dropped as soon as the hang-up is seen, while the GPU is still busy
@@ -117,8 +122,10 @@ def test_backpressure_429_with_retry_after_and_accepted_work_completes(make_pod:
     pod = make_pod(max_queued_images=4, max_images_per_request=4, max_batch_size=2, batch_policy="fill")
     with ThreadPoolExecutor(12) as pool:
         blocker = start_blocker(pod, pool, seconds=3)
-        burst = [pool.submit(pod.request, "POST", "/v1/images/generations", {"prompt": f"p{i}", "size": "64x64"})
-                 for i in range(10)]
+        burst = [
+            pool.submit(pod.request, "POST", "/v1/images/generations", {"prompt": f"p{i}", "size": "64x64"})
+            for i in range(10)
+        ]
         answers = [f.result() for f in burst]
         assert blocker.result()[0] == 200
     accepted = [a for a in answers if a[0] == 200]

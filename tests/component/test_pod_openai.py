@@ -53,9 +53,14 @@ def test_generate_url_is_built_from_the_request_host(pod: Pod) -> None:
 
 def test_url_honours_forwarded_headers(pod: Pod) -> None:
     status, _, body = pod.request(
-        "POST", "/v1/images/generations", {"prompt": "x", "response_format": "url"},
-        headers={"X-Forwarded-Host": "images.example.com", "X-Forwarded-Proto": "https",
-                 "X-Forwarded-Prefix": "/gen"},
+        "POST",
+        "/v1/images/generations",
+        {"prompt": "x", "response_format": "url"},
+        headers={
+            "X-Forwarded-Host": "images.example.com",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Prefix": "/gen",
+        },
     )
     assert status == 200
     assert body["data"][0]["url"].startswith("https://images.example.com/gen/v1/images/files/")
@@ -71,7 +76,9 @@ def test_output_formats(pod: Pod, fmt: str, pil_format: str) -> None:
 def test_edit_image_to_image(pod: Pod) -> None:
     result = client(pod).images.edit(
         image=("in.png", png_bytes((64, 64), (200, 30, 30)), "image/png"),
-        prompt="make it blue", n=2, size="64x64",
+        prompt="make it blue",
+        n=2,
+        size="64x64",
     )
     assert len(result.data) == 2
     assert all(decode(d.b64_json or "").size == (64, 64) for d in result.data)
@@ -92,7 +99,9 @@ def test_edit_inpainting_honours_the_mask(pod: Pod) -> None:
 
     def edit(hole: tuple[int, int, int, int] | None, seed: int) -> np.ndarray:
         result = client(pod).images.edit(
-            image=image, mask=("mask.png", mask_png(hole), "image/png"), prompt="a window",
+            image=image,
+            mask=("mask.png", mask_png(hole), "image/png"),
+            prompt="a window",
             extra_body={"seed": seed},
         )
         return np.asarray(decode(result.data[0].b64_json or "").convert("RGB"), dtype=float)

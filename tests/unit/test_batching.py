@@ -39,8 +39,15 @@ def affine(a: float, c: float) -> Callable[[int], float | None]:
 
 def decide(queued: int, curve: Callable[[int], float | None], utilisation: float, **kw: object) -> Plan:
     args: dict[str, object] = dict(
-        queued=queued, max_batch=4, oldest_age_s=0.0, since_last_arrival_s=0.0, max_wait_s=0.5,
-        other_keys_waiting=False, batch_seconds=curve, utilisation=utilisation, arrivals_per_s=0.0,
+        queued=queued,
+        max_batch=4,
+        oldest_age_s=0.0,
+        since_last_arrival_s=0.0,
+        max_wait_s=0.5,
+        other_keys_waiting=False,
+        batch_seconds=curve,
+        utilisation=utilisation,
+        arrivals_per_s=0.0,
     )
     args.update(kw)
     return plan(**args)  # type: ignore[arg-type]

@@ -7,21 +7,50 @@ import pytest
 from imagefleet.errors import InvalidRequest, NotFound
 from imagefleet.schema import Limits, parse_edit, parse_generation, parse_size
 
-LIMITS = Limits(model="m", max_n=4, max_pixels=1024 * 1024, max_side=2048, size_multiple=16, max_steps=50,
-                max_prompt_chars=100, default_width=512, default_height=256)
+LIMITS = Limits(
+    model="m",
+    max_n=4,
+    max_pixels=1024 * 1024,
+    max_side=2048,
+    size_multiple=16,
+    max_steps=50,
+    max_prompt_chars=100,
+    default_width=512,
+    default_height=256,
+)
 
 
 def test_defaults_come_from_the_limits() -> None:
     req = parse_generation({"prompt": "a cat"}, LIMITS)
-    assert (req.n, req.width, req.height, req.response_format, req.output_format) == (1, 512, 256, "b64_json", "png")
+    assert (req.n, req.width, req.height, req.response_format, req.output_format) == (
+        1,
+        512,
+        256,
+        "b64_json",
+        "png",
+    )
     assert req.steps is None and req.guidance is None and req.seed is None
 
 
 def test_all_fields_parse() -> None:
     req = parse_generation(
-        {"prompt": "a cat", "n": 2, "size": "640x480", "response_format": "url", "output_format": "webp",
-         "output_compression": 70, "model": "m", "negative_prompt": "dog", "num_inference_steps": 20,
-         "guidance_scale": 6, "seed": 9, "user": "u1", "quality": "auto", "background": "opaque", "stream": False},
+        {
+            "prompt": "a cat",
+            "n": 2,
+            "size": "640x480",
+            "response_format": "url",
+            "output_format": "webp",
+            "output_compression": 70,
+            "model": "m",
+            "negative_prompt": "dog",
+            "num_inference_steps": 20,
+            "guidance_scale": 6,
+            "seed": 9,
+            "user": "u1",
+            "quality": "auto",
+            "background": "opaque",
+            "stream": False,
+        },
         LIMITS,
     )
     assert (req.width, req.height, req.steps, req.guidance, req.seed) == (640, 480, 20, 6.0, 9)
@@ -37,8 +66,18 @@ def test_with_defaults_fills_only_missing_values() -> None:
 
 @pytest.mark.parametrize(
     ("size", "ok"),
-    [("1024x1024", True), ("1024x1040", False), ("2048x512", True), ("2064x16", False), ("16x16", True),
-     ("0x16", False), ("1x1", False), (" 512x512 ", True), ("512X512", True), ("512*512", False)],
+    [
+        ("1024x1024", True),
+        ("1024x1040", False),
+        ("2048x512", True),
+        ("2064x16", False),
+        ("16x16", True),
+        ("0x16", False),
+        ("1x1", False),
+        (" 512x512 ", True),
+        ("512X512", True),
+        ("512*512", False),
+    ],
 )
 def test_sizes(size: str, ok: bool) -> None:
     if ok:

@@ -29,7 +29,9 @@ def test_flag_beats_environment_beats_default() -> None:
 
 
 def test_types_are_parsed() -> None:
-    s = parse(["--no-warmup", "--default-guidance", "3.5", "--revision", "none"], {"IMAGEFLEET_COMPILE": "yes"})
+    s = parse(
+        ["--no-warmup", "--default-guidance", "3.5", "--revision", "none"], {"IMAGEFLEET_COMPILE": "yes"}
+    )
     assert s.warmup is False and s.compile is True and s.default_guidance == 3.5 and s.revision is None
     r = settings.load(RouterSettings, {}, {"IMAGEFLEET_BACKENDS": "http://a:1, http://b:2"})
     assert r.backends == ("http://a:1", "http://b:2")
@@ -37,11 +39,13 @@ def test_types_are_parsed() -> None:
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"IMAGEFLEET_MAX_BATCH_SIZE": "many"}, "IMAGEFLEET_MAX_BATCH_SIZE"),
-     ({"IMAGEFLEET_MAX_BATCH_SIZE": "0"}, "--max-batch-size"),
-     ({"IMAGEFLEET_WARMUP": "perhaps"}, "true or false"),
-     ({"IMAGEFLEET_DTYPE": "int8"}, "choose one of"),
-     ({"IMAGEFLEET_MAX_QUEUED_IMAGES": "2"}, "max-images-per-request")],
+    [
+        ({"IMAGEFLEET_MAX_BATCH_SIZE": "many"}, "IMAGEFLEET_MAX_BATCH_SIZE"),
+        ({"IMAGEFLEET_MAX_BATCH_SIZE": "0"}, "--max-batch-size"),
+        ({"IMAGEFLEET_WARMUP": "perhaps"}, "true or false"),
+        ({"IMAGEFLEET_DTYPE": "int8"}, "choose one of"),
+        ({"IMAGEFLEET_MAX_QUEUED_IMAGES": "2"}, "max-images-per-request"),
+    ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
