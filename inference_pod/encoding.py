@@ -19,7 +19,7 @@ JPEG_MAX_QUALITY = 95  # Pillow: above 95 only grows the file
 class Encoded:
     data: bytes
     format: str
-    b64: str | None = None
+    b64: bytes | None = None  # ASCII base64 of data, ready to splice into a JSON body
 
     @property
     def content_type(self) -> str:
@@ -40,4 +40,4 @@ def encode(image: Image.Image, fmt: str, compression: int | None, as_b64: bool) 
         raise ValueError(f"unknown output format {fmt!r}")
     image.convert("RGB").save(buf, **options)
     data = buf.getvalue()
-    return Encoded(data, fmt, base64.b64encode(data).decode("ascii") if as_b64 else None)
+    return Encoded(data, fmt, base64.b64encode(data) if as_b64 else None)
