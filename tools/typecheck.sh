@@ -4,6 +4,7 @@
 # names, so check a tree of links that has the installed shape.
 set -euo pipefail
 mypy=${1:-mypy}
+case $mypy in */*) mypy=$(realpath "$mypy");; esac
 root=$(cd "$(dirname "$0")/.." && pwd)
 tree=$root/build/typecheck
 rm -rf "$tree" && mkdir -p "$tree/imagefleet"
