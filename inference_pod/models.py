@@ -114,7 +114,7 @@ def load(settings: PodSettings) -> LoadedModel:
 
         source = "local" if Path(name).exists() else "huggingface"
         pipe = DiffusionPipeline.from_pretrained(
-            name, torch_dtype=dtype, revision=settings.revision, variant=settings.variant
+            name, dtype=dtype, revision=settings.revision, variant=settings.variant
         ).to(device)
         random_weights = False
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,41 @@
+"""Model sources: a local diffusers directory through from_pretrained, and a model that fails to load."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from imagefleet import settings as settings_mod
+from imagefleet.inference_pod import tiny
+from imagefleet.inference_pod.app import create_app
+from imagefleet.settings import PodSettings
+from imagefleet.testing.servers import ServerThread, get_json, wait_until
+from tests.conftest import Pod, PodFactory
+
+
+def test_a_local_directory_loads_through_from_pretrained(make_pod: PodFactory, tmp_path: Path) -> None:
+    tiny.build().save_pretrained(tmp_path / "model")
+    pod = make_pod(model=str(tmp_path / "model"), dtype="float32")
+    (entry,) = pod.request("GET", "/v1/models")[2]["data"]
+    assert entry["id"] == str(tmp_path / "model")
+    assert entry["source"] == "local" and entry["random_weights"] is False and entry["family"] == "sd"
+    status, body = pod.generate(model=str(tmp_path / "model"), size="64x64", num_inference_steps=2)
+    assert status == 200
+    assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).size == (64, 64)
+
+
+def test_a_model_that_fails_to_load_says_why() -> None:
+    s = settings_mod.load(PodSettings, env={}, model="/nonexistent/model/dir")
+    with ServerThread(lambda: create_app(s)) as server:
+        wait_until(
+            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
+        )
+        pod = Pod(server)
+        assert pod.request("GET", "/healthz")[0] == 200  # alive, just not ready
+        assert pod.load()["ready"] is False
+        status, body = pod.generate()
+        assert status == 503
+        assert body["error"]["code"] == "load_failed" and "/nonexistent/model/dir" in body["error"]["message"]
