@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes test binaries from the Go module proxy into a cache outside the repo.
+#
+#   tools/k8s/build.sh            build whatever is missing or stale (the `make k8s-tools` target)
+#   tools/k8s/build.sh bin-dir    print the directory the binaries live in
+#
+# Each binary comes from its own wrapper module (kubernetes/, etcd/, kwok/, helm/ beside this
+# script) so that minimal version selection never mixes the dependency sets of two projects.
+# The pinned versions are the `require` lines of those go.mod files; go.sum pins the content.
+#
+# Cache layout, keyed by the Kubernetes version:
+#   ${IMAGEFLEET_K8S_CACHE:-~/.cache/imagefleet}/k8s-<version>/bin/<binary>
+#   .../k8s-<version>/stamps/<binary>      "<module> <version>" the binary was built from
+#   .../k8s-<version>/etc/kwok-stages.yaml  KWOK stage config taken from the pinned KWOK source
+# A binary is rebuilt only when it is missing or its stamp names another version. Every artifact
+# is written under a temporary name and renamed into place, so an interrupted build never leaves
+# a half-written binary behind.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+export CGO_ENABLED=0
+export GOTOOLCHAIN=local
+export GOFLAGS="-trimpath -buildvcs=false"
+
+# module_version DIR MODULE: the version DIR/go.mod requires MODULE at.
+module_version() {
+	awk -v m="$2" '($1 == m && $2 ~ /^v/) {print $2; exit} ($1 == "require" && $2 == m) {print $3; exit}' "$1/go.mod"
+}
+
+K8S_VERSION=$(module_version "$HERE/kubernetes" k8s.io/kubernetes)
+ETCD_VERSION=$(module_version "$HERE/etcd" go.etcd.io/etcd/server/v3)
+KWOK_VERSION=$(module_version "$HERE/kwok" sigs.k8s.io/kwok)
+HELM_VERSION=$(module_version "$HERE/helm" helm.sh/helm/v3)
+HELM_CLIENT_GO=$(module_version "$HERE/helm" k8s.io/client-go)
+
+CACHE_ROOT=${IMAGEFLEET_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagefleet}
+PREFIX="$CACHE_ROOT/k8s-$K8S_VERSION"
+BIN="$PREFIX/bin"
+STAMPS="$PREFIX/stamps"
+ETC="$PREFIX/etc"
+
+# Compile jobs: all cores up to four; each compile of the large Kubernetes packages takes 1-3 GiB.
+JOBS=${IMAGEFLEET_K8S_BUILD_JOBS:-$(n=$(nproc 2>/dev/null || echo 2); echo $((n > 4 ? 4 : n)))}
+
+TMP_FILES=()
+UP_TO_DATE=()
+cleanup() { rm -f "${TMP_FILES[@]}"; }
+trap cleanup EXIT
+
+log() { echo "k8s-tools: $*" >&2; }
+
+# up_to_date NAME PATH WANT: PATH exists and its stamp says it was built from WANT.
+up_to_date() {
+	[[ -s "$2" && -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "$3" ]]
+}
+
+# write_stamp NAME CONTENT, atomically.
+write_stamp() {
+	local tmp="$STAMPS/.$1.tmp.$$"
+	TMP_FILES+=("$tmp")
+	printf '%s\n' "$2" >"$tmp"
+	mv -f "$tmp" "$STAMPS/$1"
+}
+
+# version_args NAME: arguments that make NAME print its version offline (a smoke test of the build).
+version_args() {
+	case $1 in
+	kubectl) echo "version --client" ;;
+	helm) echo "version --short" ;;
+	*) echo "--version" ;;
+	esac
+}
+
+# go_build NAME WRAPPER_DIR PACKAGE STAMP [go build flags...]
+go_build() {
+	local name=$1 dir=$2 pkg=$3 stamp=$4
+	shift 4
+	if up_to_date "$name" "$BIN/$name" "$stamp"; then
+		UP_TO_DATE+=("$name")
+		return
+	fi
+	command -v go >/dev/null || { log "the go command is needed to build $name (Go >= 1.26)"; exit 1; }
+	local tmp="$BIN/.$name.tmp.$$" start=$SECONDS
+	TMP_FILES+=("$tmp")
+	log "building $name ($stamp) ..."
+	(cd "$HERE/$dir" && go build -p "$JOBS" "$@" -o "$tmp" "$pkg")
+	"$tmp" $(version_args "$name") >/dev/null 2>&1 || { log "$name built but does not run"; exit 1; }
+	mv -f "$tmp" "$BIN/$name"
+	write_stamp "$name" "$stamp"
+	log "built $name in $((SECONDS - start))s"
+}
+
+kube_ldflags() {
+	local v=$K8S_VERSION minor
+	minor=${v#v1.}
+	minor=${minor%%.*}
+	local flags="-s -w" pkg key val
+	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		for key in gitVersion=$v gitMajor=1 gitMinor=$minor gitTreeState=clean \
+			gitCommit=module-$v buildDate=1970-01-01T00:00:00Z; do
+			val=${key#*=}
+			key=${key%%=*}
+			flags+=" -X $pkg.$key=$val"
+		done
+	done
+	echo "$flags"
+}
+
+helm_ldflags() {
+	local minor=${HELM_CLIENT_GO#v0.}
+	minor=${minor%%.*}
+	local flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+	flags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+	for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+		flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+	done
+	echo "$flags"
+}
+
+# KWOK >= 0.8 has no built-in stages: concatenate the upstream "fast" node and pod stages (the
+# ones kwokctl configures) from the pinned module source into one multi-document config file.
+kwok_stages() {
+	local name=kwok-stages.yaml stamp="sigs.k8s.io/kwok $KWOK_VERSION stages"
+	if up_to_date "$name" "$ETC/$name" "$stamp"; then
+		UP_TO_DATE+=("$name")
+		return
+	fi
+	local src tmp="$ETC/.$name.tmp.$$" f
+	src=$(cd "$HERE/kwok" && go mod download -json sigs.k8s.io/kwok | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+	TMP_FILES+=("$tmp")
+	{
+		echo "# KWOK $KWOK_VERSION stages, from $src/kustomize/stage (generated by tools/k8s/build.sh)"
+		for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+			pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+			echo "---"
+			grep -v '^---' "$src/kustomize/stage/$f"
+		done
+	} >"$tmp"
+	mv -f "$tmp" "$ETC/$name"
+	write_stamp "$name" "$stamp"
+	log "wrote $ETC/$name"
+}
+
+# Serialise builds into one cache: a second `make k8s-tools` waits, then finds everything built.
+# Holding the lock also makes temporary files of interrupted builds safe to delete.
+lock_cache() {
+	exec 9>"$PREFIX/.build.lock"
+	if ! flock -n 9; then
+		log "waiting for another build into $PREFIX"
+		flock 9
+	fi
+	rm -f "$BIN"/.*.tmp.* "$STAMPS"/.*.tmp.* "$ETC"/.*.tmp.*
+}
+
+build_all() {
+	mkdir -p "$BIN" "$STAMPS" "$ETC"
+	lock_cache
+	local start=$SECONDS kube_flags cmd
+	kube_flags=$(kube_ldflags)
+	go_build etcd etcd go.etcd.io/etcd/server/v3 "go.etcd.io/etcd/server/v3 $ETCD_VERSION" \
+		-ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$ETCD_VERSION"
+	for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+		go_build "$cmd" kubernetes "k8s.io/kubernetes/cmd/$cmd" "k8s.io/kubernetes $K8S_VERSION" \
+			-tags selinux,notest,grpcnotrace -ldflags "$kube_flags"
+	done
+	go_build kwok kwok sigs.k8s.io/kwok/cmd/kwok "sigs.k8s.io/kwok $KWOK_VERSION" -ldflags "-s -w"
+	go_build helm helm helm.sh/helm/v3/cmd/helm "helm.sh/helm/v3 $HELM_VERSION" -ldflags "$(helm_ldflags)"
+	kwok_stages
+	((${#UP_TO_DATE[@]} == 0)) || log "already built: ${UP_TO_DATE[*]}"
+	log "Kubernetes $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION in $BIN ($((SECONDS - start))s)"
+}
+
+case "${1:-build}" in
+build) build_all ;;
+bin-dir) echo "$BIN" ;;
+*)
+	echo "usage: $0 [build|bin-dir]" >&2
+	exit 2
+	;;
+esac
