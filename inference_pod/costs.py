@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefleet.inference_pod.batching import CompatKey
@@ -126,13 +127,13 @@ class CostModel:
 class ArrivalMeter:
     """Recent arrivals: samples per second per key, and demand in GPU-seconds at batch size 1."""
 
-    def __init__(self, window_s: float = RATE_WINDOW_S, clock: object = time.monotonic) -> None:
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
         self._events: deque[tuple[float, CompatKey, int, float]] = deque()
 
     def now(self) -> float:
-        return self._clock()  # type: ignore[operator,no-any-return]
+        return self._clock()
 
     def record(self, key: CompatKey, samples: int, solo_seconds: float | None) -> None:
         self._events.append((self.now(), key, samples, solo_seconds or 0.0))
@@ -151,3 +152,36 @@ class ArrivalMeter:
         """GPU-seconds of work (at batch size 1) that arrived per second, over the window."""
         self._trim()
         return sum(n * solo for _, _, n, solo in self._events) / self.window_s
+
+
+class BusyMeter:
+    """The fraction of the recent window the GPU spent running batches.
+
+    Arrivals come in bursts (closed-loop clients resubmit together), so demand measured from
+    arrivals swings around its mean; the GPU's own busy time is smooth, and near 1 exactly when
+    the queue never drains.
+    """
+
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._spans: deque[tuple[float, float]] = deque()
+        self._running_since: float | None = None
+
+    def start(self) -> None:
+        self._running_since = self._clock()
+
+    def stop(self) -> None:
+        if self._running_since is not None:
+            self._spans.append((self._running_since, self._clock()))
+            self._running_since = None
+
+    def fraction(self) -> float:
+        now = self._clock()
+        horizon = now - self.window_s
+        while self._spans and self._spans[0][1] < horizon:
+            self._spans.popleft()
+        busy = sum(end - max(start, horizon) for start, end in self._spans)
+        if self._running_since is not None:
+            busy += now - max(self._running_since, horizon)
+        return busy / self.window_s

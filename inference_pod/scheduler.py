@@ -25,7 +25,7 @@ from imagefleet import metrics as m
 from imagefleet.errors import APIError, GenerationFailed, Overloaded, Unavailable
 from imagefleet.inference_pod import batching
 from imagefleet.inference_pod.batching import CompatKey, Queue, Sample
-from imagefleet.inference_pod.costs import ArrivalMeter, CostModel
+from imagefleet.inference_pod.costs import ArrivalMeter, BusyMeter, CostModel
 from imagefleet.inference_pod.encoding import Encoded, encode
 from imagefleet.inference_pod.telemetry import PodMetrics
 from imagefleet.inference_pod.worker import BatchRun, Outcome, SampleFailed
@@ -117,6 +117,7 @@ class Scheduler:
         self.queue = Queue()
         self.costs = CostModel()
         self.arrivals = ArrivalMeter()
+        self.busy = BusyMeter()
         self.health = Health(settings.quarantine_after)
         self.counters = Counters()
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_BATCHES)
@@ -227,12 +228,14 @@ class Scheduler:
             started = time.monotonic()
             for s in batch:
                 self.metrics.queue_wait.observe(started - s.enqueued_at)
+            self.busy.start()
             try:
                 outcome = await loop.run_in_executor(self._gpu, self._run_batch, run)
             except Exception as exc:  # the executor itself failed
                 outcome = Outcome(results=[None] * len(batch), error=exc)
             finally:
                 self.running = None
+                self.busy.stop()
             self._finish(run, outcome, time.monotonic() - started)
 
     async def _next_batch(self) -> list[Sample]:
@@ -253,7 +256,7 @@ class Scheduler:
                 max_wait_s=self.settings.max_wait_ms / 1000,
                 other_keys_waiting=self.queue.has_other_keys(key),
                 batch_seconds=functools.partial(self.costs.seconds, key),
-                utilisation=self.arrivals.utilisation(),
+                utilisation=self.utilisation(queued, limit),
                 arrivals_per_s=self.arrivals.rate(key),
                 fill=self.settings.batch_policy == "fill",
             )
@@ -374,6 +377,16 @@ class Scheduler:
         self.counters.failed_requests += 1
         job.future.set_exception(error)
         job.future.exception()  # mark retrieved: the handler may be gone
+
+    def utilisation(self, queued: int, max_batch: int) -> float:
+        """How loaded the GPU is, for the batch policy: 1.0 means it never gets a rest.
+
+        The larger of the demand that arrived (at batch size 1) and the time the GPU actually
+        spent busy; a full batch already waiting counts as saturation too.
+        """
+        if queued >= max_batch > 1:
+            return 1.0
+        return max(self.arrivals.utilisation(), self.busy.fraction())
 
     # --- load ---
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from imagefleet.inference_pod.batching import CompatKey, Plan, Queue, Sample, plan
-from imagefleet.inference_pod.costs import ArrivalMeter, CostModel, fit
+from imagefleet.inference_pod.costs import ArrivalMeter, BusyMeter, CostModel, fit
 
 A = CompatKey("generate", 64, 64, 4, 5.0)
 B = CompatKey("generate", 96, 64, 4, 5.0)
@@ -137,3 +137,18 @@ def test_arrival_meter_window() -> None:
     assert meter.rate(A) == 0.5 and meter.utilisation() == 1.0
     now[0] = 11.0
     assert meter.rate(A) == 0.0 and meter.utilisation() == 0.0
+
+
+def test_busy_meter_measures_the_share_of_the_window_spent_running() -> None:
+    now = [100.0]
+    meter = BusyMeter(window_s=10, clock=lambda: now[0])
+    meter.start()
+    now[0] = 104.0
+    meter.stop()
+    now[0] = 106.0
+    meter.start()
+    now[0] = 108.0
+    assert abs(meter.fraction() - 0.6) < 1e-9  # 4 s done + 2 s running, of 10
+    now[0] = 115.0
+    meter.stop()
+    assert abs(meter.fraction() - 0.9) < 1e-9  # the first span left the window; 9 s of the second
