@@ -1,0 +1,236 @@
+"""Helpers shared by the GPU benchmarks: flags, result records, pod processes, HTTP and metrics.
+
+Every benchmark prints one JSON object per line (and appends it to ``$OUT/<name>.jsonl`` when the
+``OUT`` environment variable names a folder), so a run on a remote accelerator can be read back
+and tabulated later; a human-readable table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "synthetic:sd3.5-medium"
+DEFAULT_SIZE = "1024x1024"
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 4.5
+# The four prompts of Aquiles-Image's batching test.
+PROMPTS = (
+    "a green tree in a beautiful forest",
+    "a orange sunset over the ocean",
+    "a pink flamingo standing in water",
+    "a brown dog playing in the park",
+)
+POD_READY_TIMEOUT_S = 600.0
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> (1024, 768)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x1024, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4]; every value must be positive."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark shares: what to generate, and how."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model the pod serves (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps per image")
+    parser.add_argument(
+        "--size", type=parse_size, default=parse_size(DEFAULT_SIZE), help="WxH of every image"
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale"
+    )
+    parser.add_argument(
+        "--pod-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for every pod process, e.g. --pod-arg=--max-wait-ms=0 (repeatable)",
+    )
+    parser.add_argument(
+        "--pod-timeout",
+        type=float,
+        default=POD_READY_TIMEOUT_S,
+        help="seconds a pod may take to become ready",
+    )
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+class Results:
+    """JSON lines on stdout, mirrored to ``$OUT/<name>.jsonl`` when ``OUT`` is set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        out = os.environ.get("OUT")
+        self.path = Path(out) / f"{name}.jsonl" if out else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"bench": self.name, **record}, default=str)
+        print(line, flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+
+
+def environment(model: str) -> dict[str, Any]:
+    """Where the numbers come from: card, driver, library versions, date."""
+    info: dict[str, Any] = {
+        "event": "environment",
+        "date": dt.date.today().isoformat(),
+        "model": model,
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+    }
+    for module in ("torch", "diffusers", "transformers"):
+        with contextlib.suppress(ImportError):
+            info[module] = __import__(module).__version__
+    info["gpu"] = _nvidia_smi()
+    return info
+
+
+def _nvidia_smi() -> str | None:
+    """The card as nvidia-smi names it (None without one); read without initialising CUDA here."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """mean / min / max (and median) of a non-empty series, rounded for printing."""
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+# --- pods ----------------------------------------------------------------------------------------
+
+
+def log_dir() -> Path:
+    """Where pod logs go: ``$BENCH_LOG_DIR`` if set (the device script collects it), else a temp dir."""
+    path = Path(os.environ.get("BENCH_LOG_DIR") or tempfile.mkdtemp(prefix="imagefleet-bench-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def pod(model: str, args: Sequence[str], timeout_s: float) -> Iterator[Any]:
+    """A fresh ``python -m imagefleet pod`` process serving ``model``, ready, stopped afterwards."""
+    from imagefleet.testing.servers import PodProcess
+
+    process = PodProcess(["--model", model, *args], log_dir=log_dir())
+    process.start()
+    try:
+        process.wait_ready(timeout=timeout_s)
+        yield process
+    finally:
+        process.stop(timeout=10.0)
+
+
+# --- HTTP payloads and metrics -------------------------------------------------------------------
+
+
+def decode_images(body: dict[str, Any]) -> list[tuple[int, int]]:
+    """Decode every ``b64_json`` image of an Images API response (as a client would); their sizes."""
+    from PIL import Image
+
+    sizes = []
+    for item in body["data"]:
+        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
+            image.load()
+            sizes.append(image.size)
+    return sizes
+
+
+def histogram_totals(metrics_text: str, name: str) -> tuple[float, float]:
+    """(sum, count) of one unlabelled Prometheus histogram in a /metrics text."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_sum "):
+            total = float(line.split()[-1])
+        elif line.startswith(f"{name}_count "):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def histogram_delta(before: str, after: str, name: str) -> dict[str, float | None]:
+    """Mean and count of a histogram's observations between two /metrics scrapes."""
+    s0, c0 = histogram_totals(before, name)
+    s1, c1 = histogram_totals(after, name)
+    n = c1 - c0
+    return {"count": n, "mean_s": round((s1 - s0) / n, 4) if n > 0 else None}
+
+
+def main_guard(main: Any) -> None:
+    """Run ``main`` as a script's entry point and exit with its status."""
+    sys.exit(main())
