@@ -256,7 +256,7 @@ class Scheduler:
                 max_wait_s=self.settings.max_wait_ms / 1000,
                 other_keys_waiting=self.queue.has_other_keys(key),
                 batch_seconds=functools.partial(self.costs.seconds, key),
-                utilisation=self.utilisation(queued, limit),
+                utilisation=self.utilisation(),
                 arrivals_per_s=self.arrivals.rate(key),
                 fill=self.settings.batch_policy == "fill",
             )
@@ -378,14 +378,13 @@ class Scheduler:
         job.future.set_exception(error)
         job.future.exception()  # mark retrieved: the handler may be gone
 
-    def utilisation(self, queued: int, max_batch: int) -> float:
+    def utilisation(self) -> float:
         """How loaded the GPU is, for the batch policy: 1.0 means it never gets a rest.
 
-        The larger of the demand that arrived (at batch size 1) and the time the GPU actually
-        spent busy; a full batch already waiting counts as saturation too.
+        The larger of the demand that arrived (at batch size 1) and the share of the window the
+        GPU actually spent busy. A full queue alone is not load: a one-off burst is served
+        fastest on average one by one where batching buys little.
         """
-        if queued >= max_batch > 1:
-            return 1.0
         return max(self.arrivals.utilisation(), self.busy.fraction())
 
     # --- load ---
