@@ -88,7 +88,9 @@ async def _bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> Non
     loop = asyncio.get_running_loop()
     settings = rt.settings
     try:
-        model = preloaded if preloaded is not None else await loop.run_in_executor(rt.gpu, models.load, settings)
+        model = (
+            preloaded if preloaded is not None else await loop.run_in_executor(rt.gpu, models.load, settings)
+        )
     except Exception as exc:
         log.exception("Loading %s failed", settings.model)
         rt.load_error = f"{type(exc).__name__}: {exc}"[:500]
