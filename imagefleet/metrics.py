@@ -39,8 +39,8 @@ OUTCOME_CANCELLED = "cancelled"
 ROUTER_REQUESTS = PREFIX + "router_requests"  # counter, labels backend, outcome
 ROUTER_RETRIES = PREFIX + "router_retries"  # counter, label reason
 ROUTER_PICK_SECONDS = PREFIX + "router_pick_duration_seconds"
-ROUTER_BACKENDS = PREFIX + "router_backends"  # gauge, label state: known, healthy
-ROUTER_REQUEST_SECONDS = PREFIX + "router_request_duration_seconds"
+ROUTER_BACKENDS = PREFIX + "router_backends"  # gauge, label state: known, healthy, ready
+ROUTER_REQUEST_SECONDS = PREFIX + "router_request_duration_seconds"  # histogram, label endpoint
 
 
 @dataclass

@@ -69,13 +69,17 @@ case "$mode" in
         "$py" -m bench.pod_throughput "$@" 2>&1 | tee "$out/pod_throughput.log" | grep -v "should be kept in float32"
         "$py" -m bench.seed_test 2>&1 | tee "$out/seed_test.log" | grep -v "should be kept in float32"
         ;;
+    scaling)
+        # Several GPUs: one pod per GPU behind the router, N = 1, 2, 4 (8), then the seed's burst.
+        "$py" -m bench.scaling "$@" 2>&1 | tee "$out/scaling.log" | grep -v "should be kept in float32"
+        ;;
     cpu-smoke)
         # The same path on a machine without a GPU, with the tiny model.
         "$py" -m bench.pod_throughput --model tiny --size 64x64 --steps 4 --batch-sizes 1,2 "$@"
         "$py" -m bench.seed_test --model tiny --size 64x64 --steps 4 "$@"
         ;;
     *)
-        echo "unknown mode $mode (smoke, full, throughput, seed, cpu-smoke)" >&2
+        echo "unknown mode $mode (smoke, full, throughput, seed, scaling, cpu-smoke)" >&2
         exit 2
         ;;
 esac

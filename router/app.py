@@ -1,0 +1,116 @@
+"""The router's aiohttp application factory and its lifecycle.
+
+``create_app`` builds an app that does not listen yet, so tests (on a :class:`ServerThread`),
+local mode (in-process) and ``imagefleet router`` all share one builder. One cleanup context owns
+everything with a lifetime: the client session (one connection pool to all pods), the pollers
+and the discovery task.
+
+Middlewares, outermost first: errors to OpenAI's envelope (so a 401 or 413 wears it too), then
+API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from imagefleet import settings as settings_mod
+from imagefleet.httpkit import Handler, error_middleware
+from imagefleet.router.auth import KeyStore, needs_key
+from imagefleet.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
+from imagefleet.router.loadview import LoadView
+from imagefleet.router.pick import PICKERS
+from imagefleet.router.poller import Poller
+from imagefleet.router.routes import setup_routes
+from imagefleet.router.state import RUNTIME, RouterRuntime
+from imagefleet.router.telemetry import RouterMetrics
+from imagefleet.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 3.0
+SHUTDOWN_TIMEOUT_S = 25.0
+"""Time the router gives requests in flight to finish when it stops (below Kubernetes' 30 s grace)."""
+
+
+def create_app(
+    settings: RouterSettings, *, discovery: Discovery | None = None, rng: random.Random | None = None
+) -> web.Application:
+    """Build the router app. ``discovery`` defaults to the one the settings name."""
+    view = LoadView(
+        eject_after=settings.eject_after, backoff_s=settings.backoff_s, backoff_max_s=settings.backoff_max_s
+    )
+    rt = RouterRuntime(
+        settings=settings,
+        view=view,
+        metrics=RouterMetrics(),
+        keys=KeyStore(settings.api_keys, settings.api_keys_file),
+        picker=PICKERS[settings.pick],
+        rng=rng or random.Random(),
+    )
+    rt.metrics.bind(
+        known=lambda: len(view.views),
+        healthy=view.healthy_count,
+        ready=view.ready_count,
+    )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+    )
+    app[RUNTIME] = rt
+    app.cleanup_ctx.append(lambda a: _lifetime(a, discovery or discovery_for(settings)))
+    setup_routes(app)
+    return app
+
+
+def discovery_for(settings: RouterSettings) -> Discovery:
+    if settings.discovery == "kubernetes":
+        return KubernetesDiscovery(settings.namespace, settings.selector, settings.backend_port)
+    return StaticDiscovery(settings.backends)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    if rt.keys.enabled and needs_key(request.path, rt.settings.protect_metrics):
+        rt.keys.check(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def _lifetime(app: web.Application, discovery: Discovery) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    rt.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another's request
+        auto_decompress=False,
+    )
+    poller = Poller(rt.view, rt.session, rt.settings.poll_interval_ms / 1000)
+    watching = asyncio.get_running_loop().create_task(discovery.run(poller.on_change), name="discovery")
+    if not rt.keys.enabled:
+        log.warning("No API keys configured: the router accepts every request")
+    yield
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    await poller.stop()
+    await rt.session.close()
+
+
+async def serve(settings: RouterSettings) -> None:
+    """Run the router until cancelled (SIGINT/SIGTERM are handled by the CLI)."""
+    log.info("Router settings: %s", settings_mod.describe(settings))
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await site.start()
+    log.info("Router listening on http://%s:%d", settings.host, settings.port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

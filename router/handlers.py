@@ -1,0 +1,115 @@
+"""HTTP handlers: thin translations between aiohttp and the proxy, the view and the stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from imagefleet.errors import NotFound
+from imagefleet.httpkit import json_response
+from imagefleet.router import files, forms, proxy
+from imagefleet.router.cost import FREE, Shape, shape_of, shape_of_json
+from imagefleet.router.state import RUNTIME, RouterRuntime
+from imagefleet.router.stats import aggregate
+
+STATS_TIMEOUT_S = 3.0
+
+
+async def generations(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    body = await request.read()
+    shape = shape_of_json(body) if request.content_type == "application/json" else Shape()
+    out = proxy.Outbound(
+        "POST", "/v1/images/generations", body, request.headers.get("Content-Type"), shape, "generations"
+    )
+    return await proxy.forward(rt, request, out)
+
+
+async def edits(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    body = await request.read()  # kept once: every attempt sends these same bytes
+    content_type = request.headers.get("Content-Type")
+    shape = Shape()
+    if request.content_type == "multipart/form-data" and content_type:
+        shape = shape_of(await forms.text_fields(body, content_type))
+    out = proxy.Outbound("POST", "/v1/images/edits", body, content_type, shape, "edits")
+    return await proxy.forward(rt, request, out)
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    out = proxy.Outbound("GET", "/v1/models", None, None, FREE, "models")
+    return await proxy.forward(request.app[RUNTIME], request, out)
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    file_id = request.match_info["file_id"]
+    key = files.key_of(file_id)
+    view = rt.view.by_key(key) if key else None
+    if view is None:
+        raise NotFound(f"No image '{file_id[:80]}' here: it expired or never existed.", param="file_id")
+    return await proxy.fetch_from(rt, request, view, f"/v1/images/files/{file_id}")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    view = request.app[RUNTIME].view
+    ready = view.ready_count()
+    if ready:
+        return json_response({"status": "ready", "backends": len(view.views), "ready_backends": ready})
+    return json_response(
+        {"status": "not_ready", "reason": "no_ready_backend", "backends": len(view.views)}, status=503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RUNTIME].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def stats(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    views = list(rt.view.views.values())
+    answers = await asyncio.gather(*(_pod_stats(rt, v.backend.url) for v in views))
+    pods = {v.name: a[0] for v, a in zip(views, answers, strict=True)}
+    errors = {v.name: a[1] for v, a in zip(views, answers, strict=True) if a[1]}
+    return json_response(aggregate(pods, router_view(rt), errors))
+
+
+def router_view(rt: RouterRuntime) -> dict[str, dict[str, Any]]:
+    """What this router sees of each backend (shown under ``devices.<pod>.router`` in /stats)."""
+    fallback = rt.view.fallback_unit_seconds()
+    now = time.monotonic()
+    return {
+        v.name: {
+            "url": v.backend.url,
+            "accepting": v.accepting,
+            "expected_wait_seconds": round(v.expected_wait(fallback), 4),
+            "in_flight": len(v.inflight),
+            "ejected": v.health.ejected,
+            "consecutive_failures": v.health.failures,
+            "report_age_seconds": round(now - v.report_at, 3) if v.report is not None else None,
+        }
+        for v in rt.view.views.values()
+    }
+
+
+async def _pod_stats(rt: RouterRuntime, url: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        async with rt.client.get(
+            url + "/stats", timeout=aiohttp.ClientTimeout(total=STATS_TIMEOUT_S)
+        ) as response:
+            if response.status != 200:
+                return None, f"status {response.status}"
+            data = await response.json()
+            return (data, None) if isinstance(data, dict) else (None, "not a JSON object")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return None, type(exc).__name__

@@ -1,0 +1,97 @@
+"""Local mode's plan: which GPUs, which pod processes with which flags, and what it prints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from imagefleet import cli, settings
+from imagefleet.localmode import (
+    banner,
+    plan_pods,
+    pod_arguments,
+    pod_command,
+    public_url,
+    restart_delay,
+    select_gpus,
+)
+from imagefleet.settings import PodSettings, ServeSettings
+
+
+def test_gpu_selection() -> None:
+    assert select_gpus("none", env={}) == []
+    assert select_gpus("0, 2", env={}) == ["0", "2"]
+    assert select_gpus("all", env={"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert select_gpus("all", env={"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert select_gpus("all", env={"CUDA_VISIBLE_DEVICES": "-1"}) == []
+
+
+def test_one_pod_per_gpu_on_consecutive_ports() -> None:
+    local = settings.load(ServeSettings, {}, env={}, pod_base_port=9000)
+    plans = plan_pods(["0", "3"], local)
+    assert [(p.name, p.port, p.cuda_visible_devices) for p in plans] == [
+        ("gpu0", 9000, "0"),
+        ("gpu3", 9001, "3"),
+    ]
+    assert plans[1].url == "http://127.0.0.1:9001"
+
+
+def test_cpu_pods_see_no_gpu() -> None:
+    local = settings.load(ServeSettings, {}, env={}, cpu_pods=2)
+    assert [(p.name, p.cuda_visible_devices) for p in plan_pods([], local)] == [("cpu0", ""), ("cpu1", "")]
+
+
+def test_pod_flags_reproduce_the_settings_exactly() -> None:
+    pod = settings.load(
+        PodSettings,
+        {},
+        env={},
+        model="synthetic:sd3.5-medium",
+        max_batch_size=8,
+        warmup=False,
+        default_steps=20,
+        revision=None,
+        fault_injection=True,
+    )
+    args = pod_arguments(pod)
+    parsed = cli.build_parser().parse_args(["pod", *args])
+    # the environment must not leak in: every setting the parent resolved is an explicit flag
+    again = settings.load(
+        PodSettings, parsed, env={"IMAGEFLEET_MAX_BATCH_SIZE": "1", "IMAGEFLEET_WARMUP": "true"}
+    )
+    assert dataclasses.replace(again, host=pod.host, port=pod.port) == pod
+    assert "--no-warmup" in args and "--fault-injection" in args
+
+
+def test_pod_command_listens_on_loopback() -> None:
+    local = settings.load(ServeSettings, {}, env={})
+    (plan,) = plan_pods(["0"], local)
+    cmd = pod_command(settings.load(PodSettings, {}, env={}), plan)
+    assert cmd[1:4] == ["-m", "imagefleet", "pod"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == str(plan.port)
+
+
+def test_restart_backoff() -> None:
+    assert [restart_delay(n, 1.0) for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, 60.0]
+
+
+@pytest.mark.parametrize(
+    "host,url",
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::1", "http://[::1]:8000"),
+    ],
+)
+def test_public_url(host: str, url: str) -> None:
+    assert public_url(host, 8000) == url
+
+
+def test_the_banner_shows_curl_and_python_and_never_a_key() -> None:
+    local = settings.load(ServeSettings, {}, env={})
+    text = banner("http://127.0.0.1:8000", "tiny", plan_pods([], local), keys=True)
+    assert "curl -s http://127.0.0.1:8000/v1/images/generations" in text
+    assert 'OpenAI(base_url="http://127.0.0.1:8000/v1"' in text
+    assert "Bearer $API_KEY" in text and 'api_key=os.environ["API_KEY"]' in text
+    assert "(CPU)" in text
