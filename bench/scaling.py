@@ -3,12 +3,13 @@
 Starts local mode (``python -m imagefleet serve``) with one pod per GPU, then for each N in
 ``--ns`` (default 1, 2, 4 and 8 where there are that many GPUs) drives N pods through a router
 with a closed loop of ``2 x max_batch_size x N`` clients, so every pod always has a full batch
-waiting. The first ``clients`` answers of each phase are warm-up and not counted; the next
+waiting. Answers in the first ``--warmup-s`` seconds of each phase (35: the pods' batch policy
+looks back 30 s), and at least the first ``clients``, are warm-up and not counted; the next
 ``--requests`` (default ``4 x clients``) are, and their rate is the phase's images per hour. The
 table shows each N's ratio to one GPU and its efficiency (ratio / N).
 
-Last, the seed's test: 16 simultaneous requests (32 on 8 GPUs) on all GPUs at once; latency
-min / p50 / mean / max.
+Last, after ``--burst-idle-s`` (31) seconds without traffic, the seed's test: 16 simultaneous
+requests (32 on 8 GPUs) on all GPUs at once; latency min / p50 / mean / max.
 
 Pods load once (``--mode shared``, the default): the phases with fewer GPUs run a separate
 ``imagefleet router`` process in front of the first N pods of the local-mode fleet, the same code
