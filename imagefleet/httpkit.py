@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+FILE_PREFIX_HEADER = "X-Imagefleet-File-Prefix"
+"""Router to pod: start the ids of files kept for ``response_format=url`` with this prefix, so
+that the router can tell from an id which pod holds the file."""
+
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from imagefleet.inference_pod.encoding import Encoded
 
-PREFIX_HEADER = "X-Imagefleet-File-Prefix"
 _PREFIX_OK = re.compile(r"^[A-Za-z0-9_~-]{0,64}$")
 _ID_OK = re.compile(r"^[A-Za-z0-9_~-]{1,128}\.(png|jpeg|webp)$")
 

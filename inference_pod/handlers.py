@@ -14,10 +14,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagefleet.errors import ClientClosed, InvalidRequest, NotFound, PayloadTooLarge
-from imagefleet.httpkit import json_response, read_json, require_content_type
+from imagefleet.httpkit import FILE_PREFIX_HEADER, json_response, read_json, require_content_type
 from imagefleet.inference_pod import uploads
 from imagefleet.inference_pod.encoding import Encoded
-from imagefleet.inference_pod.files import PREFIX_HEADER, valid_prefix
+from imagefleet.inference_pod.files import valid_prefix
 from imagefleet.inference_pod.scheduler import Job, Scheduler
 from imagefleet.inference_pod.state import RUNTIME, PodRuntime
 from imagefleet.inference_pod.stats import pod_stats
@@ -291,7 +291,7 @@ async def _images_response(
         "quality": "auto",
     }
     if req.response_format == "url":
-        prefix = request.headers.get(PREFIX_HEADER, "")
+        prefix = request.headers.get(FILE_PREFIX_HEADER, "")
         if not valid_prefix(prefix):
             prefix = ""
         base = _public_base(request)

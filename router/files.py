@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import re
 
-PREFIX_HEADER = "X-Imagefleet-File-Prefix"
-"""The pod's request header (``imagefleet.inference_pod.files.PREFIX_HEADER``)."""
 SEPARATOR = "~"
 _ISSUED = re.compile(r"^([A-Za-z0-9_-]{1,64})~[A-Za-z0-9_~-]{1,128}\.(png|jpeg|webp)$")
 

@@ -30,9 +30,10 @@ import aiohttp
 from aiohttp import web
 
 from imagefleet.errors import BadGateway, Timeout, Unavailable
+from imagefleet.httpkit import FILE_PREFIX_HEADER
 from imagefleet.router import telemetry as t
 from imagefleet.router.cost import Shape
-from imagefleet.router.files import PREFIX_HEADER, prefix_for
+from imagefleet.router.files import prefix_for
 from imagefleet.router.loadview import BackendView
 from imagefleet.router.state import RouterRuntime
 
@@ -281,7 +282,7 @@ def _headers(request: web.Request, view: BackendView, out: Outbound) -> dict[str
     headers = {
         "X-Forwarded-Proto": h.get("X-Forwarded-Proto") or request.scheme,
         "X-Forwarded-Host": h.get("X-Forwarded-Host") or request.host,
-        PREFIX_HEADER: prefix_for(view.backend.key),
+        FILE_PREFIX_HEADER: prefix_for(view.backend.key),
     }
     forwarded_for = ", ".join(x for x in (h.get("X-Forwarded-For"), request.remote) if x)
     if forwarded_for:
