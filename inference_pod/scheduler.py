@@ -407,10 +407,9 @@ class Scheduler:
         if run is None:
             return 0.0
         estimate = self.costs.seconds(run.key, len(run.samples)) or 0.0
-        elapsed = time.monotonic() - run.started_at if run.started_at else 0.0
         if run.steps_total:
-            estimate = max(estimate * (1 - run.steps_done / run.steps_total), 0.0)
-            return max(estimate, 0.0)
+            return max(estimate * (1 - run.steps_done / run.steps_total), 0.0)
+        elapsed = time.monotonic() - run.started_at if run.started_at else 0.0
         return max(estimate - elapsed, 0.0)
 
     def expected_wait_seconds(self) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import pytest
 from imagefleet import settings as settings_mod
 from imagefleet.inference_pod.app import create_app
 from imagefleet.settings import PodSettings
+from imagefleet.testing.routers import call
 from imagefleet.testing.servers import ServerThread, wait_ready
 
 
@@ -34,20 +34,8 @@ class Pod:
         timeout: float = 60.0,
     ) -> tuple[int, dict[str, str], Any]:
         """Send a request; (status, headers, JSON body or raw bytes)."""
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        hdrs = {"Content-Type": "application/json"} if body is not None and raw is None else {}
-        hdrs.update(headers or {})
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                payload = resp.read()
-                status, resp_headers = resp.status, dict(resp.headers)
-        except urllib.error.HTTPError as exc:
-            payload, status, resp_headers = exc.read(), exc.code, dict(exc.headers)
-        try:
-            return status, resp_headers, json.loads(payload)
-        except ValueError:
-            return status, resp_headers, payload
+        reply = call(method, self.url + path, body, headers=headers, raw=raw, timeout=timeout)
+        return reply.status, reply.headers, reply.body
 
     def generate(self, timeout: float = 60.0, **fields: Any) -> tuple[int, Any]:
         status, _, body = self.request(
