@@ -185,10 +185,14 @@ def log_dir() -> Path:
 
 @contextlib.contextmanager
 def pod(model: str, args: Sequence[str], timeout_s: float) -> Iterator[Any]:
-    """A fresh ``python -m imagefleet pod`` process serving ``model``, ready, stopped afterwards."""
+    """A fresh ``python -m imagefleet pod`` process serving ``model``, ready, stopped afterwards.
+
+    The benchmarks read the pod's batch log (``/debug/batches``), which only a pod with the test
+    hook on serves; nothing is armed, so no batch is touched by it.
+    """
     from imagefleet.testing.servers import PodProcess
 
-    process = PodProcess(["--model", model, *args], log_dir=log_dir())
+    process = PodProcess(["--model", model, "--fault-injection", *args], log_dir=log_dir())
     process.start()
     try:
         process.wait_ready(timeout=timeout_s)

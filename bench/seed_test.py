@@ -137,7 +137,7 @@ def _get_load(url: str) -> tuple[dict[str, Any], int | None]:
     """The pod's load report and its max batch size (what "default batching" means here)."""
     import json
 
-    from imagefleet.loadreport import LOAD_PATH
+    from imagefleet.wire import LOAD_PATH
 
     with urllib.request.urlopen(url + LOAD_PATH, timeout=10) as resp:
         report = json.loads(resp.read())

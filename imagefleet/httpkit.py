@@ -1,4 +1,4 @@
-"""aiohttp pieces shared by the pod and the router: the error middleware and JSON answers.
+"""aiohttp pieces shared by the pod and the router: serving an app, the error middleware, JSON.
 
 Every error leaves in OpenAI's envelope with the right status, whether a handler raised an
 :class:`~imagefleet.errors.APIError`, aiohttp raised an ``HTTPException`` (unknown route, wrong
@@ -20,10 +20,6 @@ from imagefleet.errors import APIError, GenerationFailed, InvalidRequest, Unsupp
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-FILE_PREFIX_HEADER = "X-Imagefleet-File-Prefix"
-"""Router to pod: start the ids of files kept for ``response_format=url`` with this prefix, so
-that the router can tell from an id which pod holds the file."""
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -72,3 +68,21 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
+
+
+async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float) -> web.AppRunner:
+    """Start ``app`` listening on ``host:port``; the caller awaits ``runner.cleanup()`` to stop.
+
+    The one way the pod, the router, local mode and the tests start an aiohttp app: handler
+    cancellation on (a client that leaves cancels its handler), no access log, and the time
+    handlers in flight get when the app stops (``shutdown_timeout``, seconds) set on the runner.
+    A port that is taken raises OSError from here, before anything is served.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-LOAD_PATH = "/v1/load"
-
 
 def work_units(n: int, width: int, height: int, steps: int, strength: float | None = None) -> float:
     """Units of work of ``n`` images at ``width`` x ``height`` with ``steps`` denoising steps.

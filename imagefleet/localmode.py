@@ -14,7 +14,7 @@ Every pod process has a supervisor task that restarts it when it exits unasked, 
 ``restart_backoff_s`` (doubling, up to a minute, while it keeps dying within a minute of
 starting). Cancelling :func:`serve_local` (the CLI does so on SIGINT/SIGTERM) stops the router
 from taking new requests, sends SIGTERM to every pod (which drains: it refuses new work and
-finishes what it accepted) and SIGKILLs any still running after ``POD_STOP_TIMEOUT_S``.
+finishes what it accepted) and SIGKILLs any still running after the pods' ``stop_timeout_s``.
 
 The banner with where to send requests is printed only once the router has a ready backend, so a
 user who pastes the example at once gets an image, not a 503.
@@ -38,12 +38,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from imagefleet.settings import PodSettings, RouterSettings, ServeSettings, flag_name
+from imagefleet.httpkit import serve as serve_app
+from imagefleet.settings import PodSettings, RouterSettings, ServeSettings, to_arguments
 
 log = logging.getLogger("imagefleet.localmode")
 
-POD_STOP_TIMEOUT_S = 35.0
-"""SIGTERM to SIGKILL: above a pod's own drain time (25 s) so a draining pod is not cut short."""
 RESTART_MAX_S = 60.0
 STABLE_AFTER_S = 60.0
 """A pod that ran this long before exiting is restarted after the base backoff again."""
@@ -114,24 +113,6 @@ def plan_pods(gpus: Sequence[str], local: ServeSettings) -> list[PodPlan]:
     return [PodPlan(f"cpu{i}", local.pod_base_port + i, "") for i in range(local.cpu_pods)]
 
 
-def pod_arguments(pod: PodSettings) -> list[str]:
-    """Every pod setting as an explicit flag (flags beat inherited IMAGEFLEET_* variables)."""
-    args: list[str] = []
-    for f in dataclasses.fields(pod):
-        if f.name in ("host", "port"):
-            continue
-        value = getattr(pod, f.name)
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            args.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            args += [flag_name(f.name), ",".join(map(str, value))]
-        else:
-            args += [flag_name(f.name), str(value)]
-    return args
-
-
 def pod_command(pod: PodSettings, plan: PodPlan) -> list[str]:
     return [
         sys.executable,
@@ -142,7 +123,7 @@ def pod_command(pod: PodSettings, plan: PodPlan) -> list[str]:
         "127.0.0.1",
         "--port",
         str(plan.port),
-        *pod_arguments(pod),
+        *to_arguments(pod, exclude=("host", "port")),
     ]
 
 
@@ -153,10 +134,13 @@ def restart_delay(quick_exits: int, base_s: float) -> float:
 class PodSupervisor:
     """Runs one pod process and restarts it when it exits without being asked to."""
 
-    def __init__(self, plan: PodPlan, command: list[str], restart_backoff_s: float) -> None:
+    def __init__(
+        self, plan: PodPlan, command: list[str], restart_backoff_s: float, stop_timeout_s: float
+    ) -> None:
         self.plan = plan
         self.command = command
         self.restart_backoff_s = restart_backoff_s
+        self.stop_timeout_s = stop_timeout_s
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._stopping = False
@@ -193,8 +177,9 @@ class PodSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
 
-    async def stop(self, timeout_s: float = POD_STOP_TIMEOUT_S) -> None:
-        """SIGTERM (the pod drains), then SIGKILL if it is still there after ``timeout_s``."""
+    async def stop(self) -> None:
+        """SIGTERM (the pod drains), then SIGKILL if it is still there after ``stop_timeout_s``."""
+        timeout_s = self.stop_timeout_s
         self._stopping = True
         process = self.process
         if process is None or process.returncode is not None:
@@ -261,15 +246,24 @@ async def serve_local(local: ServeSettings, router: RouterSettings, pod: PodSett
         )
     plans = plan_pods(gpus, local)
     pod = dataclasses.replace(pod, max_body_mb=router.max_body_mb)
-    supervisors = [PodSupervisor(p, pod_command(pod, p), local.restart_backoff_s) for p in plans]
+    supervisors = [
+        PodSupervisor(p, pod_command(pod, p), local.restart_backoff_s, pod.stop_timeout_s) for p in plans
+    ]
     tasks = [asyncio.create_task(s.run(), name=f"pod {s.plan.name}") for s in supervisors]
-    router = dataclasses.replace(router, discovery="static", backends=tuple(p.url for p in plans))
-    runner = web.AppRunner(create_app(router), handler_cancellation=True, access_log=None)
+    # The router's requests in flight wait for pods that drain: give them the pods' whole budget.
+    router = dataclasses.replace(
+        router,
+        discovery="static",
+        backends=tuple(p.url for p in plans),
+        shutdown_timeout_s=pod.stop_timeout_s,
+        stop_timeout_s=pod.stop_timeout_s + 5,
+    )
+    runner: web.AppRunner | None = None
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, router.host, router.port, shutdown_timeout=POD_STOP_TIMEOUT_S - 5)
         try:
-            await site.start()
+            runner = await serve_app(
+                create_app(router), router.host, router.port, shutdown_timeout=router.shutdown_timeout_s
+            )
         except OSError as exc:
             log.error("Cannot listen on %s:%d: %s", router.host, router.port, exc.strerror or exc)
             raise SystemExit(1) from None
@@ -295,11 +289,16 @@ async def wait_ready(url: str) -> None:
 
 
 async def _shutdown(
-    runner: web.AppRunner, supervisors: Sequence[PodSupervisor], tasks: Sequence[asyncio.Task[None]]
+    runner: web.AppRunner | None,
+    supervisors: Sequence[PodSupervisor],
+    tasks: Sequence[asyncio.Task[None]],
 ) -> None:
     log.info("Stopping: draining the router and %d pod(s)", len(supervisors))
     try:
-        await asyncio.gather(runner.cleanup(), *(s.stop() for s in supervisors))
+        stopping = [s.stop() for s in supervisors]
+        if runner is not None:
+            stopping.append(runner.cleanup())
+        await asyncio.gather(*stopping)
     except asyncio.CancelledError:  # asked twice: stop now
         for s in supervisors:
             s.signal(signal.SIGKILL)

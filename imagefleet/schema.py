@@ -1,23 +1,45 @@
-"""The Images API request: its fields, their types and limits, and their validation.
+"""The Images API request, declared once as a table of fields; everything else is derived from it.
 
 Shared by the inference pod (which serves the request) and the router (which estimates its cost).
-Parsing is strict: a wrong type, a value out of range, an unknown field or a field this server
-cannot honour raises :class:`~imagefleet.errors.InvalidRequest` naming the parameter. OpenAI
-fields that only make sense for OpenAI's own models are accepted only at values that describe what
-this server does anyway (``quality="auto"``, ``background="opaque"``, ``stream=false``).
+:data:`FIELDS` lists every request field with its kind, bounds, default source, whether it
+enters the batching compatibility key, whether it prices the request, and the tasks that accept
+it. From that one table come:
+
+* strict parsing (:func:`parse_generation`, :func:`parse_edit`): a wrong type, a value out of
+  range, an unknown field or a field this server cannot honour raises
+  :class:`~imagefleet.errors.InvalidRequest` naming the parameter;
+* default resolution (:func:`model_defaults`, :func:`resolve_defaults`): constants while parsing,
+  then the served model's defaults (which pod settings may override), the upload's own size for
+  edits, and a random seed, all in one place;
+* the router's lenient cost view (:func:`cost_view`): the pricing fields read without
+  validating, within the widest bounds any pod accepts;
+* the field table of docs/api.md (:func:`markdown_table`; a test checks the doc matches).
+
+Adding a field is one row in :data:`FIELDS` (and its attribute on :class:`ImageRequest`, which a
+test keeps in step with the table), plus its use in the pod's worker. OpenAI fields that only make
+sense for OpenAI's own models are accepted only at values that describe what this server does
+anyway (``quality="auto"``, ``background="opaque"``, ``stream=false``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
+import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from imagefleet.errors import InvalidRequest, NotFound
+from imagefleet.loadreport import work_units
+from imagefleet.settings import PodSettings, flag_name
+from imagefleet.settings import parse_size as parse_setting_size
 
 Task = Literal["generate", "edit"]
+TASKS: tuple[Task, ...] = ("generate", "edit")
+ENDPOINTS: dict[Task, str] = {"generate": "generations", "edit": "edits"}
 RESPONSE_FORMATS = ("b64_json", "url")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
@@ -25,89 +47,319 @@ MAX_GUIDANCE = 100.0
 MAX_USER_CHARS = 256
 _SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
 
-# OpenAI fields accepted only at the values this server honours by construction.
-_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "quality": ("auto",),
-    "background": ("auto", "opaque"),
-    "stream": (False,),
-    "partial_images": (0,),
-}
-_NO_OP_HINT = {
-    "quality": "use num_inference_steps to trade speed for quality",
-    "background": "this server produces opaque images",
-    "stream": "this server answers with complete images only",
-    "partial_images": "this server answers with complete images only",
-}
-_COMMON_FIELDS = (
-    "prompt",
-    "n",
-    "size",
-    "response_format",
-    "output_format",
-    "output_compression",
-    "model",
-    "user",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    *_NO_OP_VALUES,
-)
-GENERATION_FIELDS = frozenset(_COMMON_FIELDS)
-EDIT_FIELDS = frozenset((*_COMMON_FIELDS, "strength"))
-EDIT_FILE_FIELDS = frozenset(("image", "image[]", "mask"))
+
+class Kind(enum.Enum):
+    """How a field is written on the wire (JSON value, or multipart text or file)."""
+
+    TEXT = "string"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    CHOICE = "choice"  # a string from ``Field.choices``
+    SIZE = "size"  # "WxH" or "auto"
+    FILE = "file"  # a multipart file part (edits)
+
+
+class DefaultFrom(enum.Enum):
+    """Where a field's value comes from when the request leaves it out."""
+
+    REQUIRED = "required"
+    CONSTANT = "constant"  # Field.value, filled in while parsing
+    NONE = "none"  # stays None: the feature is not used
+    MODEL = "model"  # the served model's default; the pod setting Field.setting overrides it
+    IMAGE_OR_MODEL = "image or model"  # edits: the uploaded image's own size; else as MODEL
+    RANDOM = "random"  # drawn per request, below the field's upper bound
+    PIPELINE = "pipeline"  # stays None: the diffusers pipeline's own default applies
+
+
+# --- bounds ------------------------------------------------------------------------------------
+
+
+class Bound(Protocol):
+    def at(self, limits: Limits) -> float:
+        """The bound on a pod with ``limits``."""
+
+    def widest(self) -> float:
+        """The bound on the most permissive pod settings allow (the router's lenient view)."""
+
+    def text(self) -> str:
+        """The bound as docs/api.md writes it."""
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+    def at(self, limits: Limits) -> float:
+        return self.value
+
+    def widest(self) -> float:
+        return self.value
+
+    def text(self) -> str:
+        return _number(self.value)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bound set by a pod setting: ``Limits.<attr>``, from ``PodSettings.<setting>``."""
+
+    attr: str
+    setting: str
+
+    def at(self, limits: Limits) -> float:
+        value: int = getattr(limits, self.attr)
+        return value
+
+    def widest(self) -> float:
+        maximum: float | None = _setting_field(self.setting).metadata.get("maximum")
+        return math.inf if maximum is None else maximum
+
+    def text(self) -> str:
+        return f"`{flag_name(self.setting)}` ({_setting_field(self.setting).default})"
+
+
+@dataclass(frozen=True)
+class Minus:
+    """``top`` less a limit (the seed: image *i* of a request uses ``seed + i``)."""
+
+    top: int
+    limit: Limit
+
+    def at(self, limits: Limits) -> float:
+        return self.top - self.limit.at(limits)
+
+    def widest(self) -> float:
+        minimum: float = _setting_field(self.limit.setting).metadata.get("minimum") or 0
+        return self.top - minimum
+
+    def text(self) -> str:
+        return f"2^63 - 1 - `{flag_name(self.limit.setting)}`"
+
+
+def _setting_field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(PodSettings) if f.name == name)
+
+
+MAX_N = Limit("max_n", "max_images_per_request")
+MAX_STEPS = Limit("max_steps", "max_steps")
+MAX_PROMPT_CHARS = Limit("max_prompt_chars", "max_prompt_chars")
+MAX_SIDE = Limit("max_side", "max_side")
+MAX_PIXELS = Limit("max_pixels", "max_pixels")
+LIMITS = (MAX_N, MAX_STEPS, MAX_PROMPT_CHARS, MAX_SIDE, MAX_PIXELS)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the served model and the pod's settings allow."""
+    """What the served model and the pod's settings allow (see :data:`LIMITS` for the settings)."""
 
     model: str
-    max_n: int = 10
-    max_pixels: int = 2048 * 2048
-    max_side: int = 4096
-    size_multiple: int = 8
-    max_steps: int = 150
-    max_prompt_chars: int = 4000
-    default_width: int = 1024
-    default_height: int = 1024
+    size_multiple: int
+    max_n: int
+    max_pixels: int
+    max_side: int
+    max_steps: int
+    max_prompt_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: PodSettings, *, model: str, size_multiple: int) -> Limits:
+        values = {limit.attr: getattr(settings, limit.setting) for limit in LIMITS}
+        return cls(model=model, size_multiple=size_multiple, **values)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Limits:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+# --- the table ---------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
+class Field:
+    """One request field. See the module docstring for what is derived from it."""
+
+    name: str
+    kind: Kind
+    attr: str | None
+    """The :class:`ImageRequest` attribute; None for OpenAI fields accepted only at no-op values."""
+    default: DefaultFrom = DefaultFrom.NONE
+    value: Any = None
+    """The default of a CONSTANT field."""
+    lo: Bound | None = None
+    hi: Bound | None = None
+    """Numbers: inclusive bounds. Text: ``hi`` is the most characters."""
+    open_lo: bool = False
+    choices: tuple[Any, ...] = ()
+    """CHOICE: the allowed values. A field without ``attr``: the only values accepted."""
+    key: bool = False
+    """Enters the compatibility key: only samples with equal values share a pipeline call."""
+    prices: bool = False
+    """Read by the router's cost view: the request's GPU work depends on it."""
+    tasks: tuple[Task, ...] = TASKS
+    setting: str | None = None
+    """MODEL defaults: the pod setting that overrides the model's own default."""
+    aliases: tuple[str, ...] = ()
+    hint: str = ""
+    """A field without ``attr``: why other values are refused."""
+    doc: str = ""
+
+
+EDIT: tuple[Task, ...] = ("edit",)
+_CONST, _REQUIRED, _MODEL = DefaultFrom.CONSTANT, DefaultFrom.REQUIRED, DefaultFrom.MODEL
+_ANSWERS = "this server answers with complete images only"
+
+# fmt: off
+FIELDS: tuple[Field, ...] = (
+    Field("prompt", Kind.TEXT, "prompt", _REQUIRED, hi=MAX_PROMPT_CHARS, doc="must not be blank"),
+    Field("n", Kind.INTEGER, "n", _CONST, 1, lo=Const(1), hi=MAX_N, prices=True,
+          doc="each image is one *sample*"),
+    Field("size", Kind.SIZE, "size", DefaultFrom.IMAGE_OR_MODEL, key=True, prices=True,
+          setting="default_size",
+          doc="`auto` means the default"),
+    Field("response_format", Kind.CHOICE, "response_format", _CONST, "b64_json", choices=RESPONSE_FORMATS,
+          doc="`url` answers with `/v1/images/files/{id}` links kept `--file-ttl-s` (1 h)"),
+    Field("output_format", Kind.CHOICE, "output_format", _CONST, "png", choices=OUTPUT_FORMATS),
+    Field("output_compression", Kind.INTEGER, "output_compression", lo=Const(0), hi=Const(100),
+          doc="jpeg and webp only (png is lossless: asking for it there is an error); unset means 100"),
+    Field("model", Kind.TEXT, "model", doc="must name the served model; anything else is `404 model_not_found`"),
+    Field("user", Kind.TEXT, "user", hi=Const(MAX_USER_CHARS), doc="accepted for compatibility"),
+    Field("negative_prompt", Kind.TEXT, "negative_prompt", hi=MAX_PROMPT_CHARS,
+          doc="extension; needs `guidance_scale > 1` and a model that takes one"),
+    Field("num_inference_steps", Kind.INTEGER, "steps", _MODEL, lo=Const(1), hi=MAX_STEPS, key=True,
+          prices=True, setting="default_steps", doc="extension"),
+    Field("guidance_scale", Kind.NUMBER, "guidance", _MODEL, lo=Const(0), hi=Const(MAX_GUIDANCE), key=True,
+          setting="default_guidance", doc="extension"),
+    Field("seed", Kind.INTEGER, "seed", DefaultFrom.RANDOM, lo=Const(0), hi=Minus(MAX_SEED, MAX_N),
+          doc="extension; image *i* of the request uses `seed + i`, so the same seed gives the same images"),
+    Field("strength", Kind.NUMBER, "strength", DefaultFrom.PIPELINE, lo=Const(0), hi=Const(1), open_lo=True,
+          key=True, prices=True, tasks=EDIT, doc="extension: how far from the input image to go"),
+    Field("image", Kind.FILE, None, _REQUIRED, tasks=EDIT, aliases=("image[]",),
+          doc="PNG, JPEG or WebP; one image per request"),
+    Field("mask", Kind.FILE, None, tasks=EDIT,
+          doc="inpainting; same size as `image`. Fully transparent pixels (alpha 0) mark the area to "
+              "repaint; a mask without alpha is read as grayscale, white = repaint"),
+    Field("quality", Kind.TEXT, None, choices=("auto",),
+          hint="use num_inference_steps to trade speed for quality"),
+    Field("background", Kind.TEXT, None, choices=("auto", "opaque"), hint="this server produces opaque images"),
+    Field("stream", Kind.BOOLEAN, None, choices=(False,), hint=_ANSWERS),
+    Field("partial_images", Kind.INTEGER, None, choices=(0,), hint=_ANSWERS),
+)
+# fmt: on
+
+_SERVER_DEFAULTS = (DefaultFrom.MODEL, DefaultFrom.IMAGE_OR_MODEL, DefaultFrom.RANDOM)
+BY_NAME: dict[str, Field] = {name: f for f in FIELDS for name in (f.name, *f.aliases)}
+
+
+def fields_of(task: Task, *, files: bool = False) -> tuple[Field, ...]:
+    """The fields ``task`` accepts: its text fields, or (``files``) its file fields."""
+    return tuple(f for f in FIELDS if task in f.tasks and (f.kind is Kind.FILE) == files)
+
+
+def names_of(task: Task, *, files: bool = False) -> frozenset[str]:
+    return frozenset(name for f in fields_of(task, files=files) for name in (f.name, *f.aliases))
+
+
+GENERATION_FIELDS = names_of("generate")
+EDIT_FIELDS = names_of("edit")
+EDIT_FILE_FIELDS = names_of("edit", files=True)
+KEY_FIELDS = tuple(f for f in FIELDS if f.key)
+PRICE_FIELDS = tuple(f for f in FIELDS if f.prices)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageRequest:
-    """A validated request. ``None`` means "the server's default" and is resolved by the pod."""
+    """A validated request; ``None`` means "the server's default" until :func:`resolve_defaults`."""
 
     task: Task
     prompt: str
-    n: int = 1
-    width: int | None = None
-    height: int | None = None
-    response_format: str = "b64_json"
-    output_format: str = "png"
-    output_compression: int | None = None
-    model: str | None = None
-    user: str | None = None
-    negative_prompt: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
-    strength: float | None = None
+    n: int
+    size: tuple[int, int] | None
+    response_format: str
+    output_format: str
+    output_compression: int | None
+    model: str | None
+    user: str | None
+    negative_prompt: str | None
+    steps: int | None
+    guidance: float | None
+    seed: int | None
+    strength: float | None
 
-    def with_defaults(self, *, width: int, height: int, steps: int, guidance: float) -> ImageRequest:
-        return replace(
-            self,
-            width=self.width or width,
-            height=self.height or height,
-            steps=self.steps or steps,
-            guidance=guidance if self.guidance is None else self.guidance,
+    @property
+    def width(self) -> int | None:
+        return self.size[0] if self.size else None
+
+    @property
+    def height(self) -> int | None:
+        return self.size[1] if self.size else None
+
+    def unresolved(self) -> list[str]:
+        """The fields still waiting for a server default (see :func:`resolve_defaults`)."""
+        return [
+            f.name
+            for f in FIELDS
+            if f.attr
+            and self.task in f.tasks
+            and f.default in _SERVER_DEFAULTS
+            and getattr(self, f.attr) is None
+        ]
+
+    def key_values(self) -> tuple[tuple[str, Any], ...]:
+        """The values of the key fields (``Field.key``) this request's task accepts, in table order."""
+        return tuple((f.attr, getattr(self, f.attr)) for f in KEY_FIELDS if f.attr and self.task in f.tasks)
+
+
+@dataclass(frozen=True)
+class EditFiles:
+    """The uploads of an edit, undecoded."""
+
+    image: bytes
+    mask: bytes | None
+
+
+# --- cross-field rules -------------------------------------------------------------------------
+
+
+def _compression_needs_lossy_format(values: Mapping[str, Any], limits: Limits) -> None:
+    if values["output_compression"] is not None and values["output_format"] == "png":
+        raise InvalidRequest(
+            "output_compression applies to jpeg and webp; png is lossless.", param="output_compression"
         )
+
+
+def _model_is_served(values: Mapping[str, Any], limits: Limits) -> None:
+    model = values["model"]
+    if model is not None and model != limits.model:
+        raise NotFound(
+            f"The model '{model[:200]}' is not served here; this server serves '{limits.model}'.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _negative_prompt_needs_guidance(values: Mapping[str, Any], limits: Limits) -> None:
+    guidance = values["guidance"]
+    if values["negative_prompt"] is not None and guidance is not None and guidance <= 1.0:
+        raise InvalidRequest(
+            "negative_prompt needs guidance_scale > 1 (classifier-free guidance is off at <= 1).",
+            param="negative_prompt",
+        )
+
+
+RULES: tuple[Callable[[Mapping[str, Any], Limits], None], ...] = (
+    _compression_needs_lossy_format,
+    _model_is_served,
+    _negative_prompt_needs_guidance,
+)
+"""Checks across fields, run after every field parsed on its own."""
+
+
+# --- strict parsing ----------------------------------------------------------------------------
+
+Getter = Callable[[Field], Any]
 
 
 def parse_generation(body: Any, limits: Limits) -> ImageRequest:
@@ -115,18 +367,27 @@ def parse_generation(body: Any, limits: Limits) -> ImageRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     _reject_unknown(body, GENERATION_FIELDS)
-    return _parse_common(body, limits, "generate", _json_getter(body))
+    return _parse("generate", _json_getter(body), limits)
 
 
-def parse_edit(fields: Mapping[str, str], limits: Limits) -> ImageRequest:
-    """Validate the text fields of ``POST /v1/images/edits`` (the files are checked by the pod)."""
+def parse_edit(
+    fields: Mapping[str, str], files: Mapping[str, Sequence[bytes]], limits: Limits
+) -> tuple[ImageRequest, EditFiles]:
+    """Validate the text fields and count the files of ``POST /v1/images/edits``."""
     _reject_unknown(fields, EDIT_FIELDS)
-    get = _form_getter(fields)
-    request = _parse_common(fields, limits, "edit", get)
-    strength = get("strength", float)
-    if strength is not None and not 0.0 < strength <= 1.0:
-        raise InvalidRequest("strength must be in (0, 1].", param="strength")
-    return replace(request, strength=strength)
+    _reject_unknown(files, EDIT_FILE_FIELDS)
+    request = _parse("edit", _form_getter(fields), limits)
+    uploads: dict[str, bytes | None] = {}
+    for f in fields_of("edit", files=True):
+        parts = [part for name in (f.name, *f.aliases) for part in files.get(name, ())]
+        if not parts and f.default is DefaultFrom.REQUIRED:
+            raise InvalidRequest(f"{f.name} is required: upload it as a file field.", param=f.name)
+        if len(parts) > 1:
+            raise InvalidRequest(f"Send at most one {f.name} per request.", param=f.name)
+        uploads[f.name] = parts[0] if parts else None
+    image = uploads["image"]
+    assert image is not None
+    return request, EditFiles(image=image, mask=uploads["mask"])
 
 
 def parse_size(value: str, limits: Limits, param: str = "size") -> tuple[int, int]:
@@ -163,7 +424,67 @@ def check_size(width: int, height: int, limits: Limits, param: str = "size") -> 
         )
 
 
-# --- helpers -----------------------------------------------------------------------------------
+def _parse(task: Task, get: Getter, limits: Limits) -> ImageRequest:
+    values: dict[str, Any] = {}
+    for f in fields_of(task):
+        value = _checked(f, get(f), limits)
+        if f.attr is not None:
+            values[f.attr] = value
+    for f in FIELDS:  # fields another task accepts are simply unset here
+        if f.attr is not None and f.attr not in values:
+            values[f.attr] = None
+    for rule in RULES:
+        rule(values, limits)
+    return ImageRequest(task=task, **values)
+
+
+def _checked(f: Field, value: Any, limits: Limits) -> Any:
+    """``value`` (already of the field's type, or None) checked against the field's rules."""
+    if f.attr is None:  # an OpenAI field honoured only at the values that describe this server
+        if value is not None and value not in f.choices:
+            raise InvalidRequest(
+                f"{f.name}={value!r} is not supported: {f.hint}.", param=f.name, code="unsupported_parameter"
+            )
+        return None
+    if f.kind is Kind.SIZE and value is not None:
+        value = None if value.strip().lower() == "auto" else parse_size(value, limits, f.name)
+    if value is None:
+        if f.default is DefaultFrom.REQUIRED:
+            raise InvalidRequest(f"{f.name} is required and must not be empty.", param=f.name)
+        return f.value if f.default is DefaultFrom.CONSTANT else None
+    if f.kind is Kind.TEXT:
+        if f.default is DefaultFrom.REQUIRED and not value.strip():
+            raise InvalidRequest(f"{f.name} is required and must not be empty.", param=f.name)
+        if f.hi is not None and len(value) > f.hi.at(limits):
+            raise InvalidRequest(
+                f"{f.name} is {len(value)} characters; the limit is {_number(f.hi.at(limits))}.", param=f.name
+            )
+    elif f.kind is Kind.CHOICE and value not in f.choices:
+        raise InvalidRequest(
+            f"{f.name} must be one of {', '.join(f.choices)}, got {value[:40]!r}.", param=f.name
+        )
+    elif f.kind in (Kind.INTEGER, Kind.NUMBER) and not _in_bounds(f, value, limits):
+        raise InvalidRequest(f"{f.name} must be {_range_text(f, limits)}, got {value!r}.", param=f.name)
+    return value
+
+
+def _in_bounds(f: Field, value: float, limits: Limits | None) -> bool:
+    """Within the field's bounds on a pod with ``limits`` (None: the widest any pod allows)."""
+    lo = None if f.lo is None else f.lo.at(limits) if limits else f.lo.widest()
+    hi = None if f.hi is None else f.hi.at(limits) if limits else f.hi.widest()
+    if lo is not None and (value <= lo if f.open_lo else value < lo):
+        return False
+    return hi is None or value <= hi
+
+
+def _range_text(f: Field, limits: Limits) -> str:
+    lo = _number(f.lo.at(limits)) if f.lo else "-inf"
+    hi = _number(f.hi.at(limits)) if f.hi else "inf"
+    return f"in ({lo}, {hi}]" if f.open_lo else f"between {lo} and {hi}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _reject_unknown(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
@@ -174,139 +495,44 @@ def _reject_unknown(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
             )
 
 
-def _parse_common(body: Mapping[str, Any], limits: Limits, task: Task, get: Any) -> ImageRequest:
-    prompt = get("prompt", str)
-    if prompt is None or not prompt.strip():
-        raise InvalidRequest("prompt is required and must not be empty.", param="prompt")
-    _check_length("prompt", prompt, limits.max_prompt_chars)
-    negative = get("negative_prompt", str)
-    if negative is not None:
-        _check_length("negative_prompt", negative, limits.max_prompt_chars)
-
-    n = get("n", int)
-    if n is None:
-        n = 1
-    if not 1 <= n <= limits.max_n:
-        raise InvalidRequest(f"n must be between 1 and {limits.max_n}, got {n}.", param="n")
-
-    width = height = None
-    size = get("size", str)
-    if size is not None and size.strip().lower() != "auto":
-        width, height = parse_size(size, limits)
-    elif task == "generate":
-        width, height = limits.default_width, limits.default_height
-
-    response_format = _choice(get("response_format", str), RESPONSE_FORMATS, "response_format", "b64_json")
-    output_format = _choice(get("output_format", str), OUTPUT_FORMATS, "output_format", "png")
-    compression = get("output_compression", int)
-    if compression is not None:
-        if not 0 <= compression <= 100:
-            raise InvalidRequest("output_compression must be between 0 and 100.", param="output_compression")
-        if output_format == "png":
-            raise InvalidRequest(
-                "output_compression applies to jpeg and webp; png is lossless.", param="output_compression"
-            )
-
-    model = get("model", str)
-    if model is not None and model != limits.model:
-        raise NotFound(
-            f"The model '{model[:200]}' is not served here; this server serves '{limits.model}'.",
-            param="model",
-            code="model_not_found",
-        )
-
-    steps = get("num_inference_steps", int)
-    if steps is not None and not 1 <= steps <= limits.max_steps:
-        raise InvalidRequest(
-            f"num_inference_steps must be between 1 and {limits.max_steps}, got {steps}.",
-            param="num_inference_steps",
-        )
-    guidance = get("guidance_scale", float)
-    if guidance is not None and not 0.0 <= guidance <= MAX_GUIDANCE:
-        raise InvalidRequest(
-            f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}.", param="guidance_scale"
-        )
-    if negative is not None and guidance is not None and guidance <= 1.0:
-        raise InvalidRequest(
-            "negative_prompt needs guidance_scale > 1 (classifier-free guidance is off at <= 1).",
-            param="negative_prompt",
-        )
-    seed = get("seed", int)
-    if seed is not None and not 0 <= seed <= MAX_SEED - limits.max_n:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED - limits.max_n}.", param="seed")
-    user = get("user", str)
-    if user is not None:
-        _check_length("user", user, MAX_USER_CHARS)
-
-    for name, allowed in _NO_OP_VALUES.items():
-        value = get(name, type(allowed[0]))
-        if value is not None and value not in allowed:
-            raise InvalidRequest(
-                f"{name}={value!r} is not supported: {_NO_OP_HINT[name]}.",
-                param=name,
-                code="unsupported_parameter",
-            )
-
-    return ImageRequest(
-        task=task,
-        prompt=prompt,
-        n=n,
-        width=width,
-        height=height,
-        response_format=response_format,
-        output_format=output_format,
-        output_compression=compression,
-        model=model,
-        user=user,
-        negative_prompt=negative,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-    )
-
-
-def _check_length(name: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limit}.", param=name)
-
-
-def _choice(value: str | None, allowed: tuple[str, ...], param: str, default: str) -> str:
-    if value is None:
-        return default
-    if value not in allowed:
-        raise InvalidRequest(f"{param} must be one of {', '.join(allowed)}, got {value[:40]!r}.", param=param)
-    return value
-
-
+_PY_TYPES: dict[Kind, type] = {
+    Kind.TEXT: str,
+    Kind.CHOICE: str,
+    Kind.SIZE: str,
+    Kind.INTEGER: int,
+    Kind.NUMBER: float,
+    Kind.BOOLEAN: bool,
+}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
 
-def _json_getter(body: Mapping[str, Any]) -> Any:
-    def get(name: str, kind: type) -> Any:
-        value = body.get(name)
+def _json_getter(body: Mapping[str, Any]) -> Getter:
+    def get(f: Field) -> Any:
+        value = body.get(f.name)
         if value is None:
             return None
-        ok = (
-            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-            if kind is not float
-            else isinstance(value, (int, float)) and not isinstance(value, bool)
-        )
+        kind = _PY_TYPES[f.kind]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
-            raise InvalidRequest(f"{name} must be {_TYPE_NAMES[kind]}.", param=name)
+            raise InvalidRequest(f"{f.name} must be {_TYPE_NAMES[kind]}.", param=f.name)
         if kind is float:
             value = float(value)
             if not math.isfinite(value):
-                raise InvalidRequest(f"{name} must be a finite number.", param=name)
+                raise InvalidRequest(f"{f.name} must be a finite number.", param=f.name)
         return value
 
     return get
 
 
-def _form_getter(fields: Mapping[str, str]) -> Any:
-    def get(name: str, kind: type) -> Any:
-        raw = fields.get(name)
+def _form_getter(fields: Mapping[str, str]) -> Getter:
+    def get(f: Field) -> Any:
+        raw = fields.get(f.name)
         if raw is None:
             return None
+        kind = _PY_TYPES[f.kind]
         if kind is str:
             return raw
         text = raw.strip()
@@ -318,10 +544,203 @@ def _form_getter(fields: Mapping[str, str]) -> Any:
             value = kind(text)
         except ValueError:
             raise InvalidRequest(
-                f"{name} must be {_TYPE_NAMES[kind]}, got {raw[:40]!r}.", param=name
+                f"{f.name} must be {_TYPE_NAMES[kind]}, got {raw[:40]!r}.", param=f.name
             ) from None
         if kind is float and not math.isfinite(value):
-            raise InvalidRequest(f"{name} must be a finite number.", param=name)
+            raise InvalidRequest(f"{f.name} must be a finite number.", param=f.name)
         return value
 
     return get
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The served model's values for the fields whose default comes from the model (``MODEL``)."""
+
+    size: tuple[int, int]
+    steps: int
+    guidance: float
+
+
+def model_defaults(native: Defaults, settings: PodSettings, *, model: str, size_multiple: int) -> Defaults:
+    """The model's own defaults, overridden by the pod settings named in the table (``--default-*``).
+
+    Raises ValueError (the pod then fails to load, saying why) for a default size the model
+    cannot make.
+    """
+    updates: dict[str, Any] = {}
+    for f in FIELDS:
+        override = getattr(settings, f.setting) if f.setting else None
+        if override is None or f.attr is None:
+            continue
+        if f.kind is Kind.SIZE:
+            width, height = parse_setting_size(override, flag_name(f.setting or ""))
+            if width % size_multiple or height % size_multiple:
+                raise ValueError(
+                    f"{flag_name(f.setting or '')} {override}: {model} needs sides that are multiples "
+                    f"of {size_multiple}"
+                )
+            override = (width, height)
+        updates[f.attr] = override
+    return replace(native, **updates)
+
+
+def resolve_defaults(
+    request: ImageRequest,
+    defaults: Defaults,
+    limits: Limits,
+    *,
+    image_size: tuple[int, int] | None = None,
+    rng: random.Random | None = None,
+) -> ImageRequest:
+    """Fill every field the request left to the server (the one place defaults are resolved).
+
+    ``image_size`` is the size of an edit's upload, its default output size (checked here, since
+    the client did not choose it); ``rng`` draws the seed of a request that names none.
+    """
+    updates: dict[str, Any] = {}
+    for f in fields_of(request.task):
+        if f.attr is None or getattr(request, f.attr) is not None:
+            continue
+        if f.default is DefaultFrom.IMAGE_OR_MODEL and request.task == "edit":
+            if image_size is None:
+                raise ValueError(f"an edit's default {f.name} comes from its image")
+            try:
+                check_size(*image_size, limits)
+            except InvalidRequest as exc:
+                raise InvalidRequest(
+                    f"{exc.message} Pass `size` to resize the image.", param="image"
+                ) from None
+            updates[f.attr] = image_size
+        elif f.default in (DefaultFrom.MODEL, DefaultFrom.IMAGE_OR_MODEL):
+            updates[f.attr] = getattr(defaults, f.attr)
+        elif f.default is DefaultFrom.RANDOM:
+            assert f.hi is not None
+            updates[f.attr] = (rng or random).randrange(int(f.hi.at(limits)))
+    return replace(request, **updates)
+
+
+# --- the router's lenient view -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostView:
+    """The pricing fields of a request (``Field.prices``); None means "the pod's default"."""
+
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    strength: float | None = None
+
+    def work_units(self, *, default_width: int, default_height: int, default_steps: int) -> float:
+        return work_units(
+            self.n,
+            self.width or default_width,
+            self.height or default_height,
+            self.steps or default_steps,
+            self.strength,
+        )
+
+
+def cost_view(fields: Mapping[str, Any]) -> CostView:
+    """The pricing fields of a generation (JSON object) or an edit (multipart text), read leniently.
+
+    Nothing is validated: a value that cannot be read, or lies outside the widest bounds any pod
+    accepts, is left to the pod's default (the pod rejects it in its own answer).
+    """
+    values = {f.attr: _lenient(f, fields.get(f.name)) for f in PRICE_FIELDS if f.attr}
+    size = values.pop("size", None)
+    n = values.pop("n", None)
+    width, height = size if size else (None, None)
+    return CostView(n=n or 1, width=width, height=height, **values)
+
+
+def _lenient(f: Field, value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return None
+    if f.kind is Kind.SIZE:
+        match = _SIZE.match(value.strip().lower()) if isinstance(value, str) else None
+        if match is None:
+            return None
+        width, height = int(match.group(1)), int(match.group(2))
+        return (width, height) if width > 0 and height > 0 else None
+    if f.kind is Kind.INTEGER:
+        if isinstance(value, str):
+            value = value.strip()
+            value = int(value) if value.isascii() and value.isdigit() else None
+        return value if isinstance(value, int) and _in_bounds(f, value, None) else None
+    if f.kind is Kind.NUMBER:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        return number if math.isfinite(number) and _in_bounds(f, number, None) else None
+    raise NotImplementedError(f"no lenient reading of {f.kind.value} fields")
+
+
+# --- docs --------------------------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    """The request-field table of docs/api.md, rendered from :data:`FIELDS`."""
+    rows = [
+        "| field | type | allowed | default | endpoints | batch key | priced | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in FIELDS:
+        names = " / ".join(f"`{name}`" for name in (f.name, *f.aliases))
+        endpoints = ", ".join(ENDPOINTS[t] for t in f.tasks)
+        cells = [
+            names,
+            _type_text(f),
+            _allowed_text(f),
+            _default_text(f),
+            endpoints,
+            "yes" if f.key else "",
+            "yes" if f.prices else "",
+            f.doc,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _type_text(f: Field) -> str:
+    if f.kind is Kind.CHOICE:
+        return " \\| ".join(f"`{c}`" for c in f.choices)
+    if f.kind is Kind.SIZE:
+        return '`"WxH"` or `"auto"`'
+    return str(f.kind.value)
+
+
+def _allowed_text(f: Field) -> str:
+    if f.attr is None and f.choices:
+        values = ", ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`" for c in f.choices)
+        return f"only {values}: {f.hint}"
+    if f.kind is Kind.SIZE:
+        return (
+            "sides multiples of the model's `size_multiple` (see `/v1/models`), at most "
+            f"{MAX_SIDE.text()}; W*H at most {MAX_PIXELS.text()}"
+        )
+    if f.kind is Kind.TEXT and f.hi is not None:
+        return f"at most {f.hi.text()} characters"
+    if f.kind in (Kind.INTEGER, Kind.NUMBER) and f.lo is not None and f.hi is not None:
+        return f"({f.lo.text()}, {f.hi.text()}]" if f.open_lo else f"{f.lo.text()} .. {f.hi.text()}"
+    return ""
+
+
+def _default_text(f: Field) -> str:
+    if f.default is DefaultFrom.CONSTANT:
+        return f"`{f.value}`"
+    if f.default is DefaultFrom.IMAGE_OR_MODEL:
+        return f"the model's (`{flag_name(f.setting or '')}`); edits: the image's"
+    if f.default is DefaultFrom.MODEL:
+        return f"the model's (`{flag_name(f.setting or '')}`)"
+    if f.default is DefaultFrom.NONE:
+        return ""
+    if f.default is DefaultFrom.PIPELINE:
+        return "the pipeline's"
+    return str(f.default.value)

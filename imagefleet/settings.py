@@ -26,9 +26,28 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the flag and variable."""
 
 
-def setting(default: Any, help: str, *, choices: Iterable[str] | None = None, secret: bool = False) -> Any:
-    """Declare a setting: a dataclass field carrying its help text (and allowed choices)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "secret": secret}
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Iterable[str] | None = None,
+    secret: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """Declare a setting: a dataclass field carrying its help text, allowed choices and bounds.
+
+    ``minimum`` and ``maximum`` (inclusive) are checked when the settings object is built, and
+    they are the bounds the ImageGenerator CRD must declare for the same field (a test compares
+    them), so there is one place that says what a setting may be.
+    """
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "secret": secret,
+        "minimum": minimum,
+        "maximum": maximum,
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("settings use immutable defaults (tuples)")
     return field(default=default, metadata=meta)
@@ -47,55 +66,121 @@ def flag_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class PodSettings:
-    """An inference pod: one process, one GPU (or the CPU), one model."""
+    """An inference pod: one process, one GPU (or the CPU), one model.
+
+    Stopping takes three steps, each with its own time budget (seconds):
+
+    1. ``drain_timeout_s``: after SIGTERM the pod refuses new work (503, so routers send it
+       elsewhere) and keeps working through what it accepted, for at most this long;
+    2. ``shutdown_timeout_s``: then in-flight HTTP handlers get this long to finish writing their
+       responses (below the drain time: writing a response takes far less than making it);
+    3. ``stop_timeout_s``: whoever runs the pod waits this long after SIGTERM before SIGKILL:
+       local mode does so itself and the operator sets it as ``terminationGracePeriodSeconds``.
+       It must exceed drain + shutdown so that a draining pod is never cut short.
+
+    The order ``shutdown < drain`` and ``drain + shutdown < stop`` is checked when the settings
+    are built, so a pod never starts with budgets that would kill it mid-drain.
+    """
 
     model: str = setting("tiny", "Hugging Face id, local path, `tiny`, or `synthetic:<arch>`")
     host: str = setting("127.0.0.1", "address to listen on")
-    port: int = setting(8001, "port to listen on")
+    port: int = setting(8001, "port to listen on", minimum=1, maximum=65535)
     device: str = setting("auto", "torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     dtype: str = setting("auto", "weights dtype", choices=("auto", "float32", "float16", "bfloat16"))
     revision: str | None = setting(None, "model revision (branch, tag or commit) for Hugging Face ids")
     variant: str | None = setting(None, "weights variant for Hugging Face ids, e.g. fp16")
-    max_batch_size: int = setting(4, "most samples in one pipeline call")
+    max_batch_size: int = setting(4, "most samples in one pipeline call", minimum=1, maximum=64)
     max_wait_ms: int = setting(
-        500, "longest a sample may wait for its batch to fill; only spent when a larger batch pays"
+        500,
+        "longest a sample may wait for its batch to fill; only spent when a larger batch pays",
+        minimum=0,
+        maximum=60000,
     )
     batch_policy: str = setting(
         "auto",
         "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
         choices=("auto", "fill"),
     )
-    max_queued_images: int = setting(64, "queued samples beyond which new requests get 429")
-    max_images_per_request: int = setting(10, "largest `n` a request may ask for")
-    max_pixels: int = setting(2048 * 2048, "largest width*height a request may ask for")
-    max_side: int = setting(4096, "largest width or height a request may ask for")
-    max_steps: int = setting(150, "largest num_inference_steps a request may ask for")
-    max_prompt_chars: int = setting(4000, "longest prompt or negative prompt, in characters")
-    max_body_mb: float = setting(32.0, "largest request body (uploads included), in MiB")
-    default_steps: int | None = setting(None, "steps when a request names none (model default if unset)")
-    default_guidance: float | None = setting(
-        None, "guidance scale when a request names none (model default if unset)"
+    max_queued_images: int = setting(
+        64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000
     )
-    file_ttl_s: float = setting(3600.0, "how long images of response_format=url stay downloadable")
-    file_store_mb: float = setting(512.0, "memory for images kept for response_format=url, in MiB")
-    encode_workers: int = setting(4, "threads that encode images (PNG/JPEG/WebP) and base64")
-    quarantine_after: int = setting(3, "consecutive failed batches after which the pod quarantines itself")
+    max_images_per_request: int = setting(10, "largest `n` a request may ask for", minimum=1, maximum=128)
+    max_pixels: int = setting(
+        2048 * 2048, "largest width*height a request may ask for", minimum=64 * 64, maximum=8192 * 8192
+    )
+    max_side: int = setting(4096, "largest width or height a request may ask for", minimum=64, maximum=16384)
+    max_steps: int = setting(
+        150, "largest num_inference_steps a request may ask for", minimum=1, maximum=1000
+    )
+    max_prompt_chars: int = setting(
+        4000, "longest prompt or negative prompt, in characters", minimum=1, maximum=100000
+    )
+    max_body_mb: float = setting(32.0, "largest request body (uploads included), in MiB", minimum=0.001)
+    default_steps: int | None = setting(
+        None, "steps when a request names none (model default if unset)", minimum=1, maximum=1000
+    )
+    default_guidance: float | None = setting(
+        None, "guidance scale when a request names none (model default if unset)", minimum=0, maximum=100
+    )
+    default_size: str | None = setting(None, "size (WxH) when a request names none (model default if unset)")
+    file_ttl_s: float = setting(3600.0, "how long images of response_format=url stay downloadable", minimum=0)
+    file_store_mb: float = setting(
+        512.0, "memory for images kept for response_format=url, in MiB", minimum=0.001
+    )
+    encode_workers: int = setting(
+        4, "threads that encode images (PNG/JPEG/WebP) and base64", minimum=1, maximum=256
+    )
+    quarantine_after: int = setting(
+        3, "consecutive failed batches after which the pod quarantines itself", minimum=1
+    )
     warmup: bool = setting(True, "run and time small batches at start-up before reporting ready")
     compile: bool = setting(False, "torch.compile the denoiser (GPU only; slow first start)")
+    drain_timeout_s: float = setting(
+        25.0,
+        "seconds a stopping pod keeps working through accepted requests (above shutdown_timeout_s)",
+        minimum=0,
+    )
+    shutdown_timeout_s: float = setting(
+        5.0, "seconds in-flight responses get to finish after the drain (below drain_timeout_s)", minimum=0
+    )
+    stop_timeout_s: float = setting(
+        40.0,
+        "seconds from SIGTERM to SIGKILL given by whoever runs the pod (local mode; Kubernetes' "
+        "terminationGracePeriodSeconds); above drain_timeout_s + shutdown_timeout_s",
+        minimum=1,
+    )
     fault_injection: bool = setting(False, "enable the /debug/faults test hook (never in production)")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
-        _positive(self, "port", "max_batch_size", "max_queued_images", "max_images_per_request")
-        _positive(self, "max_pixels", "max_side", "max_steps", "max_prompt_chars", "max_body_mb")
-        _positive(self, "encode_workers", "quarantine_after", "file_store_mb")
-        _non_negative(self, "max_wait_ms", "file_ttl_s")
-        if self.default_steps is not None:
-            _positive(self, "default_steps")
+        check_bounds(self)
         if self.max_queued_images < self.max_images_per_request:
             raise SettingsError(
                 f"--max-queued-images ({self.max_queued_images}) must be at least "
                 f"--max-images-per-request ({self.max_images_per_request})"
+            )
+        if self.max_batch_size > self.max_queued_images:
+            raise SettingsError(
+                f"--max-batch-size ({self.max_batch_size}) must not exceed "
+                f"--max-queued-images ({self.max_queued_images})"
+            )
+        if self.default_steps is not None and self.default_steps > self.max_steps:
+            raise SettingsError(
+                f"--default-steps ({self.default_steps}) must not exceed --max-steps ({self.max_steps})"
+            )
+        if self.default_size is not None:
+            width, height = parse_size(self.default_size, "--default-size")
+            if width * height > self.max_pixels or max(width, height) > self.max_side:
+                raise SettingsError(
+                    f"--default-size {self.default_size} exceeds --max-pixels ({self.max_pixels}) "
+                    f"or --max-side ({self.max_side})"
+                )
+        _ordered(self, "shutdown_timeout_s", "drain_timeout_s")
+        if self.drain_timeout_s + self.shutdown_timeout_s >= self.stop_timeout_s:
+            raise SettingsError(
+                f"--stop-timeout-s ({self.stop_timeout_s}) must exceed --drain-timeout-s "
+                f"({self.drain_timeout_s}) + --shutdown-timeout-s ({self.shutdown_timeout_s}): "
+                "otherwise a draining pod is killed before it finishes"
             )
 
     @property
@@ -105,7 +190,12 @@ class PodSettings:
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """The router: the one address clients use, in front of every pod of one model."""
+    """The router: the one address clients use, in front of every pod of one model.
+
+    On SIGTERM the router stops accepting connections and gives requests in flight
+    ``shutdown_timeout_s`` to finish; whoever runs it waits ``stop_timeout_s`` (larger, checked
+    here) before SIGKILL.
+    """
 
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")
@@ -129,11 +219,24 @@ class RouterSettings:
     api_keys_file: str | None = setting(None, "file (e.g. a mounted Secret) with one API key per line")
     protect_metrics: bool = setting(True, "when API keys are set, /metrics and /stats need one too")
     max_body_mb: float = setting(32.0, "largest request body (uploads included), in MiB")
+    shutdown_timeout_s: float = setting(
+        25.0,
+        "seconds requests in flight get to finish when the router stops (below stop_timeout_s)",
+        minimum=0,
+    )
+    stop_timeout_s: float = setting(
+        30.0,
+        "seconds from SIGTERM to SIGKILL given by whoever runs the router (Kubernetes' "
+        "terminationGracePeriodSeconds); above shutdown_timeout_s",
+        minimum=1,
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _positive(self, "port", "backend_port", "poll_interval_ms", "request_timeout_s", "max_attempts")
         _positive(self, "eject_after", "backoff_s", "backoff_max_s", "max_body_mb")
+        _ordered(self, "shutdown_timeout_s", "stop_timeout_s")
 
     @property
     def max_body_bytes(self) -> int:
@@ -155,18 +258,118 @@ class ServeSettings:
         _positive(self, "pod_base_port", "cpu_pods")
 
 
+@dataclass(frozen=True)
+class OperatorSettings:
+    """The operator: reconciles ImageGenerators into inference pods, a router and their status.
+
+    Its pods' stop budget comes from :class:`PodSettings` (``stop_timeout_s`` becomes
+    ``terminationGracePeriodSeconds``, after a ``prestop_delay_s`` preStop pause that lets routers
+    drop a stopping pod before it is signalled); ``stop_timeout_s`` of the operator itself is
+    what its Deployment should give it.
+    """
+
+    namespaces: tuple[str, ...] = setting((), "namespaces to watch, comma separated (empty: all namespaces)")
+    default_image: str = setting(
+        "ghcr.io/imagefleet/imagefleet:0.1.0",
+        "container image of the inference pods (CUDA, torch) when a resource names none",
+    )
+    router_image: str = setting(
+        "ghcr.io/imagefleet/imagefleet-control:0.1.0",
+        "container image of the routers (the small control image, no torch)",
+    )
+    image_pull_policy: str | None = setting(
+        None, "pull policy when a resource names none", choices=("Always", "IfNotPresent", "Never")
+    )
+    status_interval_s: float = setting(
+        10.0, "seconds between status refreshes (scrape every ready pod's /metrics)", minimum=1, maximum=3600
+    )
+    scrape_timeout_s: float = setting(
+        2.0, "seconds one pod's /metrics may take (below status_interval_s)", minimum=0.1, maximum=60
+    )
+    scrape_concurrency: int = setting(
+        256, "pods scraped at once across all resources", minimum=1, maximum=10000
+    )
+    resync_s: float = setting(
+        300.0, "seconds after which every owned object is applied again (drift repair)", minimum=10
+    )
+    max_unavailable_replacements: int = setting(
+        1, "faulty pods of one resource replaced at a time", minimum=1, maximum=1000
+    )
+    crash_loop_restarts: int = setting(
+        3, "container restarts after which a pod is reported crash-looping", minimum=1, maximum=1000
+    )
+    pod_port: int = setting(8001, "port the inference pods listen on", minimum=1, maximum=65535)
+    router_port: int = setting(8000, "port the router pods listen on", minimum=1, maximum=65535)
+    prestop_delay_s: int = setting(
+        3,
+        "seconds a stopping pod waits in preStop before SIGTERM, so routers drop it first",
+        minimum=0,
+        maximum=60,
+    )
+    leader_election: bool = setting(
+        False, "run only while holding a Lease, so several replicas are safe (on in the Helm chart)"
+    )
+    lease_name: str = setting("imagefleet-operator", "name of the leader-election Lease")
+    lease_namespace: str | None = setting(
+        None, "namespace of the Lease (default: the operator's own, from POD_NAMESPACE)"
+    )
+    lease_duration_s: int = setting(
+        15, "seconds a leader's Lease lasts without renewal", minimum=5, maximum=600
+    )
+    pod_fault_injection: bool = setting(
+        False, "start inference pods with the /debug/faults test hook (tests only, never in production)"
+    )
+    health_port: int = setting(
+        8080, "port of the operator's /healthz (liveness) endpoint; 0 turns it off", minimum=0, maximum=65535
+    )
+    health_host: str = setting("0.0.0.0", "address of the /healthz endpoint")
+    stop_timeout_s: float = setting(
+        30.0, "seconds from SIGTERM to SIGKILL its Deployment gives the operator", minimum=1
+    )
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        _ordered(self, "scrape_timeout_s", "status_interval_s")
+
+
+def check_bounds(obj: object) -> None:
+    """Check every setting of ``obj`` against its declared ``minimum`` and ``maximum``."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else (f">= {low}" if low is not None else f"<= {high}")
+            )
+            raise SettingsError(f"{flag_name(f.name)} / {env_name(f.name)} must be {span}, got {value!r}")
+
+
+def parse_size(text: str, source: str) -> tuple[int, int]:
+    """``WxH`` (ASCII digits) as (width, height)."""
+    width, sep, height = text.strip().lower().partition("x")
+    if not sep or not (width.isascii() and width.isdigit() and height.isascii() and height.isdigit()):
+        raise SettingsError(f"{source}={text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024")
+    if not (0 < int(width) <= 65536 and 0 < int(height) <= 65536):
+        raise SettingsError(f"{source}={text!r}: width and height must be positive")
+    return int(width), int(height)
+
+
+def _ordered(obj: object, smaller: str, larger: str) -> None:
+    low, high = getattr(obj, smaller), getattr(obj, larger)
+    if not low < high:
+        raise SettingsError(f"{flag_name(smaller)} ({low}) must be below {flag_name(larger)} ({high})")
+
+
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None or value <= 0:
             raise SettingsError(f"{flag_name(name)} / {env_name(name)} must be positive, got {value!r}")
-
-
-def _non_negative(obj: object, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0:
-            raise SettingsError(f"{flag_name(name)} / {env_name(name)} must be >= 0, got {value!r}")
 
 
 # --- building flags and parsing values ---------------------------------------------------------
@@ -273,6 +476,31 @@ def _base_type(hint: Any) -> Any:
     if origin is tuple:
         return tuple
     return hint
+
+
+def to_arguments(obj: object, *, exclude: Iterable[str] = ()) -> list[str]:
+    """Every setting of ``obj`` as an explicit command-line flag, the inverse of :func:`load`.
+
+    Local mode and the operator start pods with these (flags beat any ``IMAGEFLEET_*`` variable
+    the child inherits). Unset optional settings are left out (the child's default is unset
+    too); secret settings are never rendered, since command lines are visible to every process
+    on a machine and in every pod spec.
+    """
+    skip = set(exclude)
+    args: list[str] = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.name in skip or f.metadata.get("secret"):
+            continue
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args += [flag_name(f.name), ",".join(map(str, value))]
+        else:
+            args += [flag_name(f.name), str(value)]
+    return args
 
 
 def describe(obj: object) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Batch forming: which queued samples run together, and whether to wait for more.
 
-Pure and synchronous; the async :mod:`.scheduler` owns one :class:`Queue` and asks it for the
-next batch whenever the GPU frees. Policy (see docs/api.md, "Batching"):
+Pure and synchronous; :class:`~.batchstate.BatchState` owns one :class:`Queue` and asks
+:func:`plan` for the next batch whenever the GPU frees. Policy (see docs/api.md, "Batching"):
 
 * a request for ``n`` images is ``n`` samples; samples batch together when their
-  :class:`CompatKey` matches (task, size, steps, guidance, strength, scheduler, adapter); prompt,
-  negative prompt and seed may differ inside a batch;
+  :class:`CompatKey` matches (the pipeline task and every request field marked ``key`` in
+  :data:`imagefleet.schema.FIELDS`); prompt, negative prompt and seed may differ inside a batch;
 * the next batch is the oldest sample's group, up to ``max_batch_size`` samples, FIFO within it;
 * its size and any wait come from :func:`plan`: with the GPU busy most of the time (sustained
   load) batches are as large as allowed, since that maximises throughput; under light load a
@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagefleet.loadreport import work_units
+
 # Under sustained load (utilisation at batch size 1 at least this), batches are made as large as
 # allowed: the queue will not drain, and larger batches drain it fastest.
 SATURATION = 0.9
@@ -34,22 +36,49 @@ GAP_FRACTION = 0.02
 
 @dataclass(frozen=True)
 class CompatKey:
-    """Samples with equal keys can share one pipeline call."""
+    """Samples with equal keys can share one pipeline call.
 
-    task: str  # "generate", "img2img" or "inpaint"
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    strength: float | None = None
-    scheduler: str = "default"
-    adapter: str | None = None
+    ``task`` is the pipeline ("generate", "img2img" or "inpaint"); ``params`` are the values of the
+    request's key fields (``Field.key`` in :data:`imagefleet.schema.FIELDS`, by attribute name,
+    sorted), so a new key field needs no change here. Build keys with :meth:`of`.
+    """
+
+    task: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, task: str, **params: Any) -> CompatKey:
+        return cls(task, tuple(sorted(params.items())))
+
+    def get(self, attr: str) -> Any:
+        """The value of key field ``attr`` (None when this task does not take it)."""
+        return next((value for name, value in self.params if name == attr), None)
+
+    @property
+    def width(self) -> int:
+        return int(self.get("size")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.get("size")[1])
+
+    @property
+    def steps(self) -> int:
+        return int(self.get("steps"))
+
+    @property
+    def guidance(self) -> float:
+        return float(self.get("guidance"))
+
+    @property
+    def strength(self) -> float | None:
+        value = self.get("strength")
+        return None if value is None else float(value)
 
     @property
     def units_per_sample(self) -> float:
         """Work units (steps x megapixels) of one sample; img2img runs ``strength`` of the steps."""
-        fraction = 1.0 if self.strength is None else self.strength
-        return self.steps * fraction * self.width * self.height / 1e6
+        return work_units(1, self.width, self.height, self.steps, self.strength)
 
 
 _sample_ids = itertools.count()
@@ -57,10 +86,10 @@ _sample_ids = itertools.count()
 
 @dataclass(eq=False)
 class Sample:
-    """One image to make. ``job`` is opaque here (the scheduler's request handle)."""
+    """One image to make: image ``index`` of the request ``job_id``."""
 
     key: CompatKey
-    job: Any
+    job_id: str
     index: int
     prompt: str
     negative_prompt: str | None

@@ -15,9 +15,7 @@ follows a GPU that warms up, throttles or is shared.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefleet.inference_pod.batching import CompatKey
@@ -125,59 +123,56 @@ class CostModel:
 
 
 class ArrivalMeter:
-    """Recent arrivals: samples per second per key, and demand in GPU-seconds at batch size 1."""
+    """Recent arrivals: samples per second per key, and demand in GPU-seconds at batch size 1.
 
-    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+    Clockless: every call says what time it is (seconds, any monotonic origin).
+    """
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
         self.window_s = window_s
-        self._clock = clock
         self._events: deque[tuple[float, CompatKey, int, float]] = deque()
 
-    def now(self) -> float:
-        return self._clock()
+    def record(self, now: float, key: CompatKey, samples: int, solo_seconds: float | None) -> None:
+        self._events.append((now, key, samples, solo_seconds or 0.0))
+        self._trim(now)
 
-    def record(self, key: CompatKey, samples: int, solo_seconds: float | None) -> None:
-        self._events.append((self.now(), key, samples, solo_seconds or 0.0))
-        self._trim()
-
-    def _trim(self) -> None:
-        horizon = self.now() - self.window_s
+    def _trim(self, now: float) -> None:
+        horizon = now - self.window_s
         while self._events and self._events[0][0] < horizon:
             self._events.popleft()
 
-    def rate(self, key: CompatKey) -> float:
-        self._trim()
+    def rate(self, key: CompatKey, now: float) -> float:
+        self._trim(now)
         return sum(n for _, k, n, _ in self._events if k == key) / self.window_s
 
-    def utilisation(self) -> float:
+    def utilisation(self, now: float) -> float:
         """GPU-seconds of work (at batch size 1) that arrived per second, over the window."""
-        self._trim()
+        self._trim(now)
         return sum(n * solo for _, _, n, solo in self._events) / self.window_s
 
 
 class BusyMeter:
-    """The fraction of the recent window the GPU spent running batches.
+    """The fraction of the recent window the GPU spent running batches (clockless, as above).
 
     Arrivals come in bursts (closed-loop clients resubmit together), so demand measured from
     arrivals swings around its mean; the GPU's own busy time is smooth, and near 1 exactly when
     the queue never drains.
     """
 
-    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
         self.window_s = window_s
-        self._clock = clock
         self._spans: deque[tuple[float, float]] = deque()
         self._running_since: float | None = None
 
-    def start(self) -> None:
-        self._running_since = self._clock()
+    def start(self, now: float) -> None:
+        self._running_since = now
 
-    def stop(self) -> None:
+    def stop(self, now: float) -> None:
         if self._running_since is not None:
-            self._spans.append((self._running_since, self._clock()))
+            self._spans.append((self._running_since, now))
             self._running_since = None
 
-    def fraction(self) -> float:
-        now = self._clock()
+    def fraction(self, now: float) -> float:
         horizon = now - self.window_s
         while self._spans and self._spans[0][1] < horizon:
             self._spans.popleft()

@@ -1,26 +1,19 @@
 """Images kept for ``response_format=url``: in memory, for a TTL, within a byte budget.
 
-File ids are random tokens, optionally preceded by a prefix the router passes in the
-``X-Imagefleet-File-Prefix`` header, so that the router can tell from an id which pod holds it.
+File ids follow :func:`imagefleet.wire.compose_file_id`: a random token, optionally preceded by
+the prefix the router passes in ``X-Imagefleet-File-Prefix``, so that the router can tell from an
+id which pod holds it.
 """
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from imagefleet import wire
 from imagefleet.inference_pod.encoding import Encoded
-
-_PREFIX_OK = re.compile(r"^[A-Za-z0-9_~-]{0,64}$")
-_ID_OK = re.compile(r"^[A-Za-z0-9_~-]{1,128}\.(png|jpeg|webp)$")
-
-
-def valid_prefix(prefix: str) -> bool:
-    return bool(_PREFIX_OK.match(prefix))
 
 
 @dataclass(frozen=True)
@@ -42,7 +35,7 @@ class FileStore:
 
     def put(self, image: Encoded, prefix: str = "") -> str:
         self._expire()
-        file_id = f"{prefix}{secrets.token_urlsafe(16)}.{image.format}"
+        file_id = wire.compose_file_id(prefix if wire.valid_file_prefix(prefix) else "", image.format)
         while self._files and self._bytes + len(image.data) > self.max_bytes:
             self._drop(next(iter(self._files)))
         self._files[file_id] = StoredFile(image, self._clock() + self.ttl_s)
@@ -50,7 +43,7 @@ class FileStore:
         return file_id
 
     def get(self, file_id: str) -> Encoded | None:
-        if not _ID_OK.match(file_id):
+        if wire.parse_file_id(file_id) is None:
             return None
         self._expire()
         stored = self._files.get(file_id)

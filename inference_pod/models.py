@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from imagefleet.schema import Defaults
 from imagefleet.settings import PodSettings
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ class ModelInfo:
     device: str
     dtype: str
     size_multiple: int
-    default_width: int
-    default_height: int
-    default_steps: int
-    default_guidance: float
+    defaults: Defaults
+    """The model's own defaults; the pod's settings may override them (:func:`imagefleet.schema.model_defaults`)."""
     supports_negative_prompt: bool
     tasks: tuple[str, ...] = TASKS
 
@@ -123,7 +122,6 @@ def load(settings: PodSettings) -> LoadedModel:
     info = describe(
         pipe, model_id=name, source=source, random_weights=random_weights, device=device, dtype=dtype
     )
-    info = _with_settings_defaults(info, settings)
     if random_weights:
         log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
     log.info("Loaded %s (%s, %s on %s)", name, info.family, info.dtype, device)
@@ -165,23 +163,8 @@ def describe(
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         size_multiple=multiple,
-        default_width=side,
-        default_height=side,
-        default_steps=steps,
-        default_guidance=guidance,
+        defaults=Defaults(size=(side, side), steps=steps, guidance=guidance),
         supports_negative_prompt=accepts_negative,
-    )
-
-
-def _with_settings_defaults(info: ModelInfo, settings: PodSettings) -> ModelInfo:
-    from dataclasses import replace
-
-    return replace(
-        info,
-        default_steps=settings.default_steps or info.default_steps,
-        default_guidance=info.default_guidance
-        if settings.default_guidance is None
-        else settings.default_guidance,
     )
 
 

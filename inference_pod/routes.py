@@ -1,23 +1,24 @@
-"""The pod's route table."""
+"""The pod's route table. ``/debug/*`` exists only with the fault-injection hook on."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from imagefleet import wire
 from imagefleet.inference_pod import handlers as h
-from imagefleet.loadreport import LOAD_PATH
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, *, debug: bool) -> None:
     r = app.router
     r.add_post("/v1/images/generations", h.generations)
     r.add_post("/v1/images/edits", h.edits)
-    r.add_get("/v1/images/files/{file_id}", h.get_file)
+    r.add_get(wire.FILES_PATH + "{file_id}", h.get_file)
     r.add_get("/v1/models", h.list_models)
-    r.add_get(LOAD_PATH, h.load)
-    r.add_get("/healthz", h.healthz)
-    r.add_get("/readyz", h.readyz)
-    r.add_get("/metrics", h.metrics)
-    r.add_get("/stats", h.stats)
-    r.add_get("/debug/batches", h.batches)
-    r.add_post("/debug/faults", h.arm_faults)
+    r.add_get(wire.LOAD_PATH, h.load)
+    r.add_get(wire.HEALTH_PATH, h.healthz)
+    r.add_get(wire.READY_PATH, h.readyz)
+    r.add_get(wire.METRICS_PATH, h.metrics)
+    r.add_get(wire.STATS_PATH, h.stats)
+    if debug:
+        r.add_get("/debug/batches", h.batches)
+        r.add_post("/debug/faults", h.arm_faults)

@@ -20,7 +20,7 @@ How it is built, and why:
   make every timing meaningless).
 * **Seeded**: each component draws from its own generator with a fixed seed, so every process
   (every pod of a deployment) builds the same weights on the same kind of device.
-* **Tokenizers** are character-level (no vocabulary download) with the real maximum lengths (77
+* **Tokenizers** are character-level (:mod:`.chartokenizer`, no vocabulary download) with the real maximum lengths (77
   for CLIP, 256 for T5) and ids below the real vocabulary sizes. The pipelines pad every prompt to
   those lengths, so the text encoders see the real sequence shapes.
 
@@ -31,7 +31,6 @@ counts but no storage, which is what the unit tests inspect on a small machine.
 from __future__ import annotations
 
 import math
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +49,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
     CLIPTextConfig,
@@ -60,6 +58,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
 )
+
+from imagefleet.inference_pod.chartokenizer import char_tokenizer
 
 SEED = 20261127
 INIT_STD = 0.02
@@ -207,39 +207,12 @@ _SD_BETAS: dict[str, Any] = {
 # --- tokenizers ----------------------------------------------------------------------------------
 
 
-def char_tokenizer(max_length: int, *, vocab_size: int, bos: bool) -> PreTrainedTokenizerFast:
-    """One token per printable character, with the real model's maximum length.
-
-    ``bos=True`` frames a prompt as CLIP does (start and end tokens), ``bos=False`` as T5 does (an
-    end token only). Ids stay below ``vocab_size`` so any id indexes the real embedding table.
-    """
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys([*specials, *string.printable]))}
-    if len(vocab) > vocab_size:
-        raise ValueError(f"character vocabulary ({len(vocab)}) exceeds the model's ({vocab_size})")
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    template = "<bos> $A <eos>" if bos else "$A <eos>"
-    specials_used = (
-        [("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])] if bos else [("<eos>", vocab["<eos>"])]
-    )
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials_used)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        model_max_length=max_length,
-    )
-
-
 def clip_tokenizer() -> PreTrainedTokenizerFast:
-    return char_tokenizer(CLIP_MAX_LENGTH, vocab_size=CLIP_VOCAB_SIZE, bos=True)
+    return char_tokenizer(CLIP_MAX_LENGTH, framing="clip", vocab_size=CLIP_VOCAB_SIZE)
 
 
 def t5_tokenizer() -> PreTrainedTokenizerFast:
-    return char_tokenizer(T5_MAX_LENGTH, vocab_size=T5_VOCAB_SIZE, bos=False)
+    return char_tokenizer(T5_MAX_LENGTH, framing="t5", vocab_size=T5_VOCAB_SIZE)
 
 
 def _clip_config(arch: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> CLIPTextConfig:

@@ -1,77 +1,120 @@
 """The pod's Prometheus metrics, named by :mod:`imagefleet.metrics` (a documented contract).
 
-Each pod app has its own registry, so several pods can live in one test process. Gauges that
-mirror the scheduler's state read it at scrape time, so they are never stale.
+One custom collector reads everything at scrape time: the counts from
+:class:`~.counters.PodCounters` (the same object ``/stats`` reads, so the two never drift) and
+the state gauges from a snapshot of the pod. Each pod app has its own registry, so several pods
+can live in one test process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from imagefleet import metrics as m
-
-BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+from imagefleet.inference_pod.counters import Buckets, PodCounters
 
 
-class PodMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.queued_samples = Gauge(m.POD_QUEUED_SAMPLES, "Samples (images) waiting for the GPU", registry=r)
-        self.queued_requests = Gauge(m.POD_QUEUED_REQUESTS, "Requests with samples waiting", registry=r)
-        self.queued_seconds = Gauge(
-            m.POD_QUEUED_SECONDS, "Estimated GPU seconds of queued and running work", registry=r
+@dataclass(frozen=True)
+class Gauges:
+    """The pod's state as the gauges show it."""
+
+    queued_samples: float = 0.0
+    queued_requests: float = 0.0
+    queued_seconds: float = 0.0
+    running_samples: float = 0.0
+    quarantined: float = 0.0
+    ready: float = 0.0
+
+
+class PodCollector(Collector):
+    def __init__(
+        self,
+        counters: PodCounters,
+        gauges: Callable[[], Gauges],
+        model: Callable[[], Mapping[str, str] | None],
+    ) -> None:
+        self._counters = counters
+        self._gauges = gauges
+        self._model = model
+
+    def collect(self) -> Iterator[Metric]:
+        g = self._gauges()
+        yield GaugeMetricFamily(
+            m.POD_QUEUED_SAMPLES, "Samples (images) waiting for the GPU", g.queued_samples
         )
-        self.running_samples = Gauge(m.POD_RUNNING_SAMPLES, "Samples in the batch on the GPU", registry=r)
-        self.quarantined = Gauge(
-            m.POD_QUARANTINED, "1 when repeated GPU errors quarantined the pod", registry=r
+        yield GaugeMetricFamily(m.POD_QUEUED_REQUESTS, "Requests with samples waiting", g.queued_requests)
+        yield GaugeMetricFamily(
+            m.POD_QUEUED_SECONDS, "Estimated GPU seconds of queued and running work", g.queued_seconds
         )
-        self.ready = Gauge(m.POD_READY, "1 when the model is loaded and the pod accepts work", registry=r)
-        self.batch_size = Histogram(
-            m.POD_BATCH_SIZE, "Samples per pipeline call", buckets=BATCH_SIZE_BUCKETS, registry=r
+        yield GaugeMetricFamily(m.POD_RUNNING_SAMPLES, "Samples in the batch on the GPU", g.running_samples)
+        yield GaugeMetricFamily(
+            m.POD_QUARANTINED, "1 when repeated GPU errors quarantined the pod", g.quarantined
         )
-        self.batch_seconds = Histogram(
-            m.POD_BATCH_SECONDS, "Duration of one pipeline call", buckets=SECONDS_BUCKETS, registry=r
-        )
-        self.queue_wait = Histogram(
+        yield GaugeMetricFamily(m.POD_READY, "1 when the model is loaded and the pod accepts work", g.ready)
+
+        c = self._counters
+        yield _histogram(m.POD_BATCH_SIZE, "Samples per pipeline call", {(): c.batch_size})
+        yield _histogram(m.POD_BATCH_SECONDS, "Duration of one pipeline call", {(): c.batch_seconds})
+        yield _histogram(
             m.POD_QUEUE_WAIT_SECONDS,
             "Time from a sample's arrival to the start of its batch",
-            buckets=SECONDS_BUCKETS,
-            registry=r,
+            {(): c.queue_wait},
         )
-        self.request_seconds = Histogram(
+        yield _histogram(
             m.POD_REQUEST_SECONDS,
             "Time from a request's arrival to its response",
+            {(endpoint,): b for endpoint, b in c.request_seconds.items()},
             ["endpoint"],
-            buckets=SECONDS_BUCKETS,
-            registry=r,
         )
-        self.images = Counter(m.POD_IMAGES, "Images by outcome", ["outcome"], registry=r)
-        self.requests = Counter(
-            m.POD_REQUESTS, "Image requests by endpoint and status", ["endpoint", "status"], registry=r
+        yield _counter(
+            m.POD_IMAGES, "Images by outcome", ["outcome"], [((k,), v) for k, v in c.images.items()]
         )
-        self.errors = Counter(m.POD_ERRORS, "Errors by kind", ["kind"], registry=r)
-        self.model = Info(m.POD_MODEL_INFO, "The served model", registry=r)
-        for outcome in (m.OUTCOME_COMPLETED, m.OUTCOME_FAILED, m.OUTCOME_CANCELLED):
-            self.images.labels(outcome)
+        yield _counter(
+            m.POD_REQUESTS, "Image requests by endpoint and status", ["endpoint", "status"], c.http.items()
+        )
+        yield _counter(m.POD_ERRORS, "Errors by kind", ["kind"], [((k,), v) for k, v in c.errors.items()])
+        labels = self._model()
+        if labels is not None:
+            yield InfoMetricFamily(m.POD_MODEL_INFO, "The served model", value=dict(labels))
 
-    def bind(
-        self,
-        *,
-        queued_samples: Callable[[], float],
-        queued_requests: Callable[[], float],
-        queued_seconds: Callable[[], float],
-        running_samples: Callable[[], float],
-        quarantined: Callable[[], float],
-        ready: Callable[[], float],
-    ) -> None:
-        """Make the state gauges read the scheduler at scrape time."""
-        self.queued_samples.set_function(queued_samples)
-        self.queued_requests.set_function(queued_requests)
-        self.queued_seconds.set_function(queued_seconds)
-        self.running_samples.set_function(running_samples)
-        self.quarantined.set_function(quarantined)
-        self.ready.set_function(ready)
+
+def _counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], float]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for label_values, value in values:
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, series: Mapping[tuple[str, ...], Buckets], labels: list[str] | None = None
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels or [])
+    for label_values, buckets in series.items():
+        cumulative = [(_le(bound), float(count)) for bound, count in buckets.cumulative()]
+        family.add_metric(list(label_values), cumulative, buckets.sum)
+    return family
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus' own client writes it (``1.0``, ``0.05``, ``+Inf``)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def registry(collector: PodCollector) -> CollectorRegistry:
+    r = CollectorRegistry()
+    r.register(collector)
+    return r

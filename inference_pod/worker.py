@@ -7,7 +7,9 @@ loop never waits on torch. A batch:
   device and in any batch);
 * stops at the next denoising step when its ``stop`` event is set (all its clients left);
 * on CUDA out-of-memory is split in halves that run one after the other; a single sample that
-  still does not fit fails alone.
+  still does not fit fails alone;
+* calls the run's step hooks after every denoising step (the fault-injection test hook of
+  :mod:`.faults` is one); the worker itself knows nothing of what they do.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,14 +33,41 @@ class BatchCancelled(Exception):
     """Every request of the batch went away; the pipeline was stopped between steps."""
 
 
-class InjectedFault(RuntimeError):
-    """A failure asked for through the fault-injection test hook."""
+class BatchFault(Exception):
+    """A failure of a whole batch whose cause has a name (``kind``: the errors metric's label).
+
+    Any other exception out of the pipeline counts as kind ``pipeline``.
+    """
+
+    kind: ClassVar[str] = "pipeline"
+    device: ClassVar[bool] = False
+    """The device's fault rather than the request's (see :func:`device_fault`)."""
+
+
+def error_kind(error: BaseException) -> str:
+    """The errors-metric kind of a batch's failure, by its type."""
+    return error.kind if isinstance(error, BatchFault) else BatchFault.kind
+
+
+def device_fault(error: BaseException) -> bool:
+    """Whether the device failed (not the request): a CUDA/accelerator error or an injected one.
+
+    Such a batch's requests are answered 503 so that a router retries them on another pod.
+    """
+    if isinstance(error, BatchFault):
+        return error.device
+    accelerator = getattr(torch, "AcceleratorError", None)
+    return accelerator is not None and isinstance(error, accelerator)
 
 
 class SampleFailed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+StepHook = Callable[["BatchRun", int, int], None]
+"""Called on the GPU thread after each denoising step: (run, step index, samples in this call)."""
 
 
 @dataclass
@@ -48,7 +78,8 @@ class BatchRun:
     steps_total: int = 0
     steps_done: int = 0
     started_at: float = 0.0
-    stalled: bool = False  # an injected stall: its timing says nothing about the GPU
+    """When the batch loop handed it to the GPU thread (the loop's clock)."""
+    hooks: list[StepHook] = field(default_factory=list)
 
 
 @dataclass
@@ -62,48 +93,15 @@ class Outcome:
     error: BaseException | None = None
 
 
-@dataclass(frozen=True)
-class Fault:
-    kind: str  # "runtime": the pipeline raises; "oom": CUDA out-of-memory; "stall": a slow step
-    min_batch: int = 1
-    seconds: float = 0.0
+RunBatch = Callable[[BatchRun], Outcome]
+"""Runs one batch to its outcome (blocking; on the GPU thread)."""
 
 
-class FaultPlan:
-    """The fault-injection test hook: the next ``count`` batches of at least ``min_batch``
-    samples fail (``runtime``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
-
-    KINDS = ("runtime", "oom", "stall")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: list[Fault] = []
-
-    def arm(self, kind: str, count: int, min_batch: int = 1, seconds: float = 0.0) -> None:
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {', '.join(self.KINDS)}")
-        with self._lock:
-            self._pending.extend([Fault(kind, min_batch, seconds)] * count)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._pending.clear()
-
-    def take(self, batch_size: int) -> Fault | None:
-        with self._lock:
-            for i, fault in enumerate(self._pending):
-                if batch_size >= fault.min_batch:
-                    del self._pending[i]
-                    return fault
-        return None
-
-
-def execute(model: LoadedModel, run: BatchRun, faults: FaultPlan | None = None) -> Outcome:
+def execute(model: LoadedModel, run: BatchRun) -> Outcome:
     """Run ``run`` (splitting on out-of-memory) and return per-sample results."""
     outcome = Outcome(results=[None] * len(run.samples))
-    run.started_at = time.monotonic()
     try:
-        _run_split(model, run, list(range(len(run.samples))), outcome, faults)
+        _run_split(model, run, list(range(len(run.samples))), outcome)
     except BatchCancelled:
         outcome.cancelled = True
     except Exception as exc:  # a failed batch fails every sample in it
@@ -112,13 +110,11 @@ def execute(model: LoadedModel, run: BatchRun, faults: FaultPlan | None = None) 
     return outcome
 
 
-def _run_split(
-    model: LoadedModel, run: BatchRun, indices: list[int], outcome: Outcome, faults: FaultPlan | None
-) -> None:
+def _run_split(model: LoadedModel, run: BatchRun, indices: list[int], outcome: Outcome) -> None:
     samples = [run.samples[i] for i in indices]
     started = time.perf_counter()
     try:
-        images = run_pipeline(model, run, samples, faults)
+        images = run_pipeline(model, run, samples)
     except torch.OutOfMemoryError:
         _free_memory()
         outcome.oom_cap = len(indices) // 2 if len(indices) > 1 else 1
@@ -129,35 +125,25 @@ def _run_split(
         log.warning(
             "Out of memory at batch size %d; retrying as %d + %d", len(indices), half, len(indices) - half
         )
-        _run_split(model, run, indices[:half], outcome, faults)
-        _run_split(model, run, indices[half:], outcome, faults)
+        _run_split(model, run, indices[:half], outcome)
+        _run_split(model, run, indices[half:], outcome)
         return
-    if not run.stalled:
-        outcome.timings.append((len(indices), time.perf_counter() - started))
+    outcome.timings.append((len(indices), time.perf_counter() - started))
     for i, image in zip(indices, images, strict=True):
         outcome.results[i] = image
 
 
-def run_pipeline(
-    model: LoadedModel, run: BatchRun, samples: list[Sample], faults: FaultPlan | None
-) -> list[Any]:
+def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> list[Any]:
     """One pipeline call for ``samples`` (which share ``run.key``)."""
     key = run.key
     pipe = model.pipeline(key.task)
-    fault = faults.take(len(samples)) if faults else None
     run.steps_done = 0
     run.steps_total = key.steps
 
     def on_step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         run.steps_done = step + 1
-        if fault is not None and step == 0:
-            if fault.kind == "stall":
-                run.stalled = True
-                run.stop.wait(fault.seconds)
-            elif fault.kind == "oom":
-                raise torch.OutOfMemoryError("injected out-of-memory")
-            else:
-                raise InjectedFault("injected pipeline fault")
+        for hook in run.hooks:
+            hook(run, step, len(samples))
         if run.stop.is_set():
             raise BatchCancelled()
         return tensors

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from imagefleet import settings as settings_mod
 from imagefleet.httpkit import Handler, error_middleware
+from imagefleet.httpkit import serve as serve_app
 from imagefleet.router.auth import KeyStore, needs_key
 from imagefleet.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from imagefleet.router.loadview import LoadView
@@ -35,8 +36,6 @@ from imagefleet.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-SHUTDOWN_TIMEOUT_S = 25.0
-"""Time the router gives requests in flight to finish when it stops (below Kubernetes' 30 s grace)."""
 
 
 def create_app(
@@ -105,10 +104,9 @@ async def _lifetime(app: web.Application, discovery: Discovery) -> AsyncIterator
 async def serve(settings: RouterSettings) -> None:
     """Run the router until cancelled (SIGINT/SIGTERM are handled by the CLI)."""
     log.info("Router settings: %s", settings_mod.describe(settings))
-    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await site.start()
+    runner = await serve_app(
+        create_app(settings), settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout_s
+    )
     log.info("Router listening on http://%s:%d", settings.host, settings.port)
     try:
         await asyncio.Event().wait()

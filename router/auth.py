@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from imagefleet import wire
 from imagefleet.errors import Unauthorized
 
 log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
-OPEN_PATHS = frozenset(("/healthz", "/readyz"))
-OBSERVABILITY_PATHS = frozenset(("/metrics", "/stats"))
+OPEN_PATHS = frozenset((wire.HEALTH_PATH, wire.READY_PATH))
+OBSERVABILITY_PATHS = frozenset((wire.METRICS_PATH, wire.STATS_PATH))
 
 
 def parse_keys(text: str) -> tuple[str, ...]:

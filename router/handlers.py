@@ -10,9 +10,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from imagefleet import wire
 from imagefleet.errors import NotFound
 from imagefleet.httpkit import json_response
-from imagefleet.router import files, forms, proxy
+from imagefleet.router import forms, proxy
 from imagefleet.router.cost import FREE, Shape, shape_of, shape_of_json
 from imagefleet.router.state import RUNTIME, RouterRuntime
 from imagefleet.router.stats import aggregate
@@ -49,11 +50,11 @@ async def models(request: web.Request) -> web.StreamResponse:
 async def get_file(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     file_id = request.match_info["file_id"]
-    key = files.key_of(file_id)
-    view = rt.view.by_key(key) if key else None
+    parsed = wire.parse_file_id(file_id)
+    view = rt.view.by_key(parsed.key) if parsed is not None and parsed.key else None
     if view is None:
         raise NotFound(f"No image '{file_id[:80]}' here: it expired or never existed.", param="file_id")
-    return await proxy.fetch_from(rt, request, view, f"/v1/images/files/{file_id}")
+    return await proxy.fetch_from(rt, request, view, wire.FILES_PATH + file_id)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -17,9 +17,10 @@ import time
 
 import aiohttp
 
-from imagefleet.loadreport import LOAD_PATH, LoadReport
+from imagefleet.loadreport import LoadReport
 from imagefleet.router.discovery import Backend
 from imagefleet.router.loadview import BackendView, LoadView
+from imagefleet.wire import LOAD_PATH
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,11 @@ import aiohttp
 from aiohttp import web
 
 from imagefleet.errors import BadGateway, Timeout, Unavailable
-from imagefleet.httpkit import FILE_PREFIX_HEADER
 from imagefleet.router import telemetry as t
 from imagefleet.router.cost import Shape
-from imagefleet.router.files import prefix_for
 from imagefleet.router.loadview import BackendView
 from imagefleet.router.state import RouterRuntime
+from imagefleet.wire import FILE_PREFIX_HEADER, file_prefix
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def _headers(request: web.Request, view: BackendView, out: Outbound) -> dict[str
     headers = {
         "X-Forwarded-Proto": h.get("X-Forwarded-Proto") or request.scheme,
         "X-Forwarded-Host": h.get("X-Forwarded-Host") or request.host,
-        FILE_PREFIX_HEADER: prefix_for(view.backend.key),
+        FILE_PREFIX_HEADER: file_prefix(view.backend.key),
     }
     forwarded_for = ", ".join(x for x in (h.get("X-Forwarded-For"), request.remote) if x)
     if forwarded_for:

@@ -1,11 +1,14 @@
-"""Shared fixtures: real inference pods serving the built-in ``tiny`` model on loopback."""
+"""Shared fixtures: real inference pods serving the built-in ``tiny`` model on loopback, and the
+few fakes the pod's unit tests put in place of time and threads."""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
 
 import pytest
 
@@ -87,3 +90,52 @@ def pod() -> Iterator[Pod]:
     wait_ready(server.url, timeout=120)
     yield Pod(server)
     server.stop()
+
+
+# --- fakes for the pod's unit tests: time and threads, nothing else -----------------------------
+
+T = TypeVar("T")
+
+
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class InlineExecutor(Executor):
+    """Runs each call at once, on the caller's thread."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+class ManualExecutor(Executor):
+    """Holds each call until the test runs it: a GPU that is busy for exactly as long as the test says."""
+
+    def __init__(self) -> None:
+        self.calls: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self.calls.append((future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def run_next(self) -> None:
+        future, call = self.calls.popleft()
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)

@@ -1,25 +1,15 @@
 #!/usr/bin/env bash
-# Install torch into the interpreter given as $1, cheapest source first:
-#   1. a CPU wheel already on disk ($TORCH_WHEEL_DIR, e.g. /opt/wheels),
-#   2. PyTorch's CPU index, when this machine can reach it,
-#   3. PyPI (the CUDA build: large, but it runs on CPU too).
+# Install torch into the interpreter given as $1, unless it already has it.
+#
+# pip resolves it with whatever indexes and find-links it is configured with (pip.conf,
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS): a machine that keeps a CPU wheel in its
+# find-links, or mirrors PyTorch's CPU index, gets the small CPU build; otherwise PyPI's default
+# build (large, and it runs on a CPU too). Nothing here names an index of its own.
 set -euo pipefail
 py=${1:?usage: install-torch.sh PYTHON}
 version=${TORCH_VERSION:-2.11.0}
-dir=${TORCH_WHEEL_DIR:-/opt/wheels}
 if "$py" -P -c "import torch" 2>/dev/null; then
-  echo "torch $("$py" -c 'import torch; print(torch.__version__)') already installed"; exit 0
+  echo "torch $("$py" -P -c 'import torch; print(torch.__version__)') already installed"; exit 0
 fi
-shopt -s nullglob
-wheels=("$dir"/torch-*+cpu*.whl)
-if ((${#wheels[@]})); then
-  echo "installing torch from ${wheels[-1]}"
-  exec "$py" -P -m pip install -q "${wheels[-1]}"
-fi
-if curl -fsS -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then
-  echo "installing torch==$version from PyTorch's CPU index"
-  exec "$py" -P -m pip install -q "torch==$version" --index-url https://download.pytorch.org/whl/cpu \
-    --extra-index-url https://pypi.org/simple
-fi
-echo "installing torch==$version from PyPI (no CPU wheel on disk, CPU index unreachable)"
+echo "installing torch==$version with pip's configured indexes and find-links"
 exec "$py" -P -m pip install -q "torch==$version"

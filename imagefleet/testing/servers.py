@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from imagefleet.httpkit import serve
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -92,9 +94,7 @@ class ServerThread:
 
     async def _start(self) -> None:
         self.app = self._factory()
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._runner = await serve(self.app, self.host, self.port, shutdown_timeout=5)
 
     def call(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
         """Run ``fn`` on the server's loop (to read or poke app state safely)."""

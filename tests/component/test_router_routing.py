@@ -20,9 +20,8 @@ import openai
 import pytest
 from PIL import Image
 
-from imagefleet import metrics
+from imagefleet import metrics, wire
 from imagefleet.router.discovery import backend_key
-from imagefleet.router.files import key_of
 from imagefleet.testing.routers import (
     Held,
     RouterThread,
@@ -227,7 +226,7 @@ def test_image_files_are_fetched_from_the_pod_that_holds_them(idle: list[PodProc
         for t in threads:
             t.join(120)
         assert len(urls) == 4
-        holder = {key_of(u.rsplit("/", 1)[1]) for u in urls}
+        holder = {_key_of(u.rsplit("/", 1)[1]) for u in urls}
         assert holder == {backend_key(a.url), backend_key(b.url)}  # both pods hold some
         for url in urls:
             assert url.startswith(pair.url + "/v1/images/files/")
@@ -235,7 +234,7 @@ def test_image_files_are_fetched_from_the_pod_that_holds_them(idle: list[PodProc
                 assert resp.headers["Content-Type"] == "image/png"
                 assert Image.open(io.BytesIO(resp.read())).size == (64, 64)
             file_id = url.rsplit("/", 1)[1]
-            other = b if key_of(file_id) == backend_key(a.url) else a
+            other = b if _key_of(file_id) == backend_key(a.url) else a
             assert call("GET", f"{other.url}/v1/images/files/{file_id}").status == 404  # only its pod has it
 
         forged = [
@@ -388,3 +387,8 @@ def test_router_metrics(router: RouterThread) -> None:
     assert m.value(metrics.ROUTER_BACKENDS, state="healthy") == 3
     assert m.value(metrics.ROUTER_PICK_SECONDS + "_count") >= 1
     assert m.value(metrics.ROUTER_REQUEST_SECONDS + "_count", endpoint="generations") >= 1
+
+
+def _key_of(file_id: str) -> str | None:
+    parsed = wire.parse_file_id(file_id)
+    return parsed.key if parsed else None

@@ -7,12 +7,18 @@ from collections.abc import Callable
 from imagefleet.inference_pod.batching import CompatKey, Plan, Queue, Sample, plan
 from imagefleet.inference_pod.costs import ArrivalMeter, BusyMeter, CostModel, fit
 
-A = CompatKey("generate", 64, 64, 4, 5.0)
-B = CompatKey("generate", 96, 64, 4, 5.0)
+A = CompatKey.of("generate", size=(64, 64), steps=4, guidance=5.0)
+B = CompatKey.of("generate", size=(96, 64), steps=4, guidance=5.0)
 
 
-def sample(key: CompatKey, job: object = None, t: float = 0.0) -> Sample:
-    return Sample(key=key, job=job, index=0, prompt="p", negative_prompt=None, seed=0, enqueued_at=t)
+def sample(key: CompatKey, job: str = "", t: float = 0.0) -> Sample:
+    return Sample(key=key, job_id=job, index=0, prompt="p", negative_prompt=None, seed=0, enqueued_at=t)
+
+
+def test_keys_are_equal_whatever_order_their_fields_come_in() -> None:
+    assert CompatKey.of("generate", steps=4, guidance=5.0, size=(64, 64)) == A
+    assert (A.width, A.height, A.steps, A.guidance, A.strength) == (64, 64, 4, 5.0, None)
+    assert A.get("no such field") is None
 
 
 def test_oldest_group_takes_the_oldest_key_in_fifo_order_up_to_the_limit() -> None:
@@ -28,9 +34,8 @@ def test_oldest_group_takes_the_oldest_key_in_fifo_order_up_to_the_limit() -> No
 
 def test_remove_drops_a_jobs_samples() -> None:
     q = Queue()
-    job = object()
-    q.add([sample(A, job), sample(A), sample(B, job)])
-    assert len(q.remove(lambda s: s.job is job)) == 2 and len(q) == 1
+    q.add([sample(A, "j"), sample(A), sample(B, "j")])
+    assert len(q.remove(lambda s: s.job_id == "j")) == 2 and len(q) == 1
 
 
 def affine(a: float, c: float) -> Callable[[int], float | None]:
@@ -119,7 +124,7 @@ def test_cost_model_prices_unseen_keys_by_work() -> None:
     costs.observe(A, 1, 1.0)
     costs.observe(A, 4, 1.6)
     assert abs((costs.seconds(A, 2) or 0) - 1.2) < 1e-6
-    big = CompatKey("generate", 128, 128, 8, 5.0)  # 8x the work of A per sample
+    big = CompatKey.of("generate", size=(128, 128), steps=8, guidance=5.0)  # 8x the work of A per sample
     assert abs((costs.seconds(big, 1) or 0) - 8.0) < 1e-6
     assert costs.unit_seconds(4) > 0
 
@@ -131,24 +136,17 @@ def test_cost_model_caps_batches_after_out_of_memory() -> None:
 
 
 def test_arrival_meter_window() -> None:
-    now = [0.0]
-    meter = ArrivalMeter(window_s=10, clock=lambda: now[0])
-    meter.record(A, 5, solo_seconds=2.0)
-    assert meter.rate(A) == 0.5 and meter.utilisation() == 1.0
-    now[0] = 11.0
-    assert meter.rate(A) == 0.0 and meter.utilisation() == 0.0
+    meter = ArrivalMeter(window_s=10)
+    meter.record(0.0, A, 5, solo_seconds=2.0)
+    assert meter.rate(A, 0.0) == 0.5 and meter.utilisation(0.0) == 1.0
+    assert meter.rate(A, 11.0) == 0.0 and meter.utilisation(11.0) == 0.0
 
 
 def test_busy_meter_measures_the_share_of_the_window_spent_running() -> None:
-    now = [100.0]
-    meter = BusyMeter(window_s=10, clock=lambda: now[0])
-    meter.start()
-    now[0] = 104.0
-    meter.stop()
-    now[0] = 106.0
-    meter.start()
-    now[0] = 108.0
-    assert abs(meter.fraction() - 0.6) < 1e-9  # 4 s done + 2 s running, of 10
-    now[0] = 115.0
-    meter.stop()
-    assert abs(meter.fraction() - 0.9) < 1e-9  # the first span left the window; 9 s of the second
+    meter = BusyMeter(window_s=10)
+    meter.start(100.0)
+    meter.stop(104.0)
+    meter.start(106.0)
+    assert abs(meter.fraction(108.0) - 0.6) < 1e-9  # 4 s done + 2 s running, of 10
+    meter.stop(115.0)
+    assert abs(meter.fraction(115.0) - 0.9) < 1e-9  # the first span left the window; 9 s of the second

@@ -7,15 +7,20 @@ import asyncio
 import aiohttp
 import pytest
 
+from imagefleet import wire
 from imagefleet.router import forms
 from imagefleet.router.discovery import backend_key
-from imagefleet.router.files import key_of, prefix_for
+
+
+def key_of(file_id: str) -> str | None:
+    parsed = wire.parse_file_id(file_id)
+    return parsed.key if parsed else None
 
 
 def test_key_round_trip() -> None:
     key = backend_key("http://10.0.0.7:8001")
     assert key == backend_key("http://10.0.0.7:8001") != backend_key("http://10.0.0.8:8001")
-    assert key_of(prefix_for(key) + "AbC-_9xyz.png") == key
+    assert key_of(wire.compose_file_id(wire.file_prefix(key), "png")) == key
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,34 @@
-"""Request validation: the rules shared by the pod and the router."""
+"""The request table and what is derived from it: strict parsing, defaults, the cost view, the docs."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imagefleet import schema
 from imagefleet.errors import InvalidRequest, NotFound
-from imagefleet.schema import Limits, parse_edit, parse_generation, parse_size
+from imagefleet.schema import (
+    FIELDS,
+    MAX_SEED,
+    CostView,
+    Defaults,
+    ImageRequest,
+    Limits,
+    cost_view,
+    model_defaults,
+    parse_edit,
+    parse_generation,
+    parse_size,
+    resolve_defaults,
+)
+from imagefleet.settings import PodSettings
 
 LIMITS = Limits(
     model="m",
@@ -15,21 +38,18 @@ LIMITS = Limits(
     size_multiple=16,
     max_steps=50,
     max_prompt_chars=100,
-    default_width=512,
-    default_height=256,
 )
+DEFAULTS = Defaults(size=(512, 256), steps=28, guidance=4.5)
+API_MD = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+TABLE_START = "<!-- request fields: generated from imagefleet.schema.FIELDS -->\n"
+TABLE_END = "<!-- end of request fields -->"
 
 
-def test_defaults_come_from_the_limits() -> None:
+def test_parsing_fills_constants_and_leaves_server_defaults_open() -> None:
     req = parse_generation({"prompt": "a cat"}, LIMITS)
-    assert (req.n, req.width, req.height, req.response_format, req.output_format) == (
-        1,
-        512,
-        256,
-        "b64_json",
-        "png",
-    )
-    assert req.steps is None and req.guidance is None and req.seed is None
+    assert (req.n, req.response_format, req.output_format) == (1, "b64_json", "png")
+    assert req.size is None and req.steps is None and req.guidance is None and req.seed is None
+    assert req.unresolved() == ["size", "num_inference_steps", "guidance_scale", "seed"]
 
 
 def test_all_fields_parse() -> None:
@@ -54,14 +74,45 @@ def test_all_fields_parse() -> None:
         LIMITS,
     )
     assert (req.width, req.height, req.steps, req.guidance, req.seed) == (640, 480, 20, 6.0, 9)
-    assert req.output_compression == 70 and req.negative_prompt == "dog"
+    assert req.output_compression == 70 and req.negative_prompt == "dog" and req.unresolved() == []
 
 
-def test_with_defaults_fills_only_missing_values() -> None:
-    req = parse_generation({"prompt": "x", "guidance_scale": 0}, LIMITS).with_defaults(
-        width=1, height=2, steps=28, guidance=4.5
-    )
-    assert (req.steps, req.guidance) == (28, 0.0)
+def test_defaults_fill_only_missing_values() -> None:
+    req = resolve_defaults(parse_generation({"prompt": "x", "guidance_scale": 0}, LIMITS), DEFAULTS, LIMITS)
+    assert (req.size, req.steps, req.guidance) == ((512, 256), 28, 0.0)
+    assert req.seed is not None and 0 <= req.seed <= MAX_SEED - LIMITS.max_n
+
+
+def test_a_random_seed_comes_from_the_given_generator() -> None:
+    req = parse_generation({"prompt": "x"}, LIMITS)
+    a = resolve_defaults(req, DEFAULTS, LIMITS, rng=random.Random(1)).seed
+    assert a == resolve_defaults(req, DEFAULTS, LIMITS, rng=random.Random(1)).seed
+
+
+def test_an_edit_defaults_to_its_images_size_which_must_fit_the_rules() -> None:
+    req, _ = parse_edit({"prompt": "x"}, {"image": [b"png"]}, LIMITS)
+    assert req.size is None
+    assert resolve_defaults(req, DEFAULTS, LIMITS, image_size=(64, 48)).size == (64, 48)
+    with pytest.raises(InvalidRequest, match="Pass `size`") as info:
+        resolve_defaults(req, DEFAULTS, LIMITS, image_size=(60, 60))
+    assert info.value.param == "image"
+
+
+def test_pod_settings_override_the_models_defaults() -> None:
+    native = Defaults(size=(64, 64), steps=4, guidance=5.0)
+    same = model_defaults(native, PodSettings(), model="tiny", size_multiple=8)
+    assert same == native
+    settings = PodSettings(default_size="96x64", default_steps=7, default_guidance=0.0)
+    assert model_defaults(native, settings, model="tiny", size_multiple=8) == Defaults((96, 64), 7, 0.0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model_defaults(native, PodSettings(default_size="72x64"), model="x", size_multiple=16)
+
+
+def test_limits_come_from_the_pod_settings() -> None:
+    settings = PodSettings(max_images_per_request=3, max_steps=20)
+    limits = Limits.from_settings(settings, model="m", size_multiple=8)
+    assert (limits.max_n, limits.max_steps, limits.max_side) == (3, 20, settings.max_side)
+    assert Limits.from_json(limits.to_json()) == limits
 
 
 @pytest.mark.parametrize(
@@ -103,17 +154,123 @@ def test_no_op_openai_fields_are_only_accepted_at_values_that_hold() -> None:
 
 
 def test_edit_form_fields_are_strings_parsed_by_type() -> None:
-    req = parse_edit({"prompt": "x", "n": "3", "strength": "0.5", "size": "256x256", "seed": "4"}, LIMITS)
+    fields = {"prompt": "x", "n": "3", "strength": "0.5", "size": "256x256", "seed": "4"}
+    req, files = parse_edit(fields, {"image": [b"i"], "mask": [b"m"]}, LIMITS)
     assert (req.task, req.n, req.strength, req.width, req.seed) == ("edit", 3, 0.5, 256, 4)
-    assert parse_edit({"prompt": "x"}, LIMITS).width is None  # the image's own size, decided later
+    assert files == schema.EditFiles(image=b"i", mask=b"m")
+    assert parse_edit({"prompt": "x"}, {"image[]": [b"i"]}, LIMITS)[1] == schema.EditFiles(b"i", None)
+
+
+@pytest.mark.parametrize(
+    ("files", "param"),
+    [
+        ({}, "image"),
+        ({"image": [b"a"], "image[]": [b"b"]}, "image"),
+        ({"image": [b"a"], "mask": [b"m"] * 2}, "mask"),
+    ],
+)
+def test_an_edit_takes_exactly_one_image_and_at_most_one_mask(
+    files: dict[str, list[bytes]], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_edit({"prompt": "x"}, files, LIMITS)
+    assert info.value.param == param
 
 
 @pytest.mark.parametrize("strength", ["0", "1.5", "nan", "x"])
 def test_edit_strength_bounds(strength: str) -> None:
     with pytest.raises(InvalidRequest):
-        parse_edit({"prompt": "x", "strength": strength}, LIMITS)
+        parse_edit({"prompt": "x", "strength": strength}, {"image": [b"i"]}, LIMITS)
+
+
+def test_generations_do_not_take_edit_fields() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation({"prompt": "x", "strength": 0.5}, LIMITS)
+    assert info.value.code == "unknown_parameter"
 
 
 def test_prompt_length_is_limited() -> None:
     with pytest.raises(InvalidRequest, match="100"):
         parse_generation({"prompt": "x" * 101}, LIMITS)
+
+
+def test_seed_bounds_are_exact_integers() -> None:
+    top = MAX_SEED - LIMITS.max_n
+    assert parse_generation({"prompt": "x", "seed": top}, LIMITS).seed == top
+    with pytest.raises(InvalidRequest):
+        parse_generation({"prompt": "x", "seed": top + 1}, LIMITS)
+
+
+# --- the table itself ---
+
+
+def test_every_request_attribute_is_in_the_table_and_back() -> None:
+    attrs = {f.attr for f in FIELDS if f.attr}
+    assert attrs == {f.name for f in dataclasses.fields(ImageRequest)} - {"task"}
+    assert len({f.name for f in FIELDS}) == len(FIELDS)
+
+
+def test_model_defaults_name_a_pod_setting_and_a_defaults_attribute() -> None:
+    defaults = {f.name for f in dataclasses.fields(Defaults)}
+    settings = {f.name for f in dataclasses.fields(PodSettings)}
+    for f in FIELDS:
+        if f.default in (schema.DefaultFrom.MODEL, schema.DefaultFrom.IMAGE_OR_MODEL):
+            assert f.attr in defaults and f.setting in settings, f.name
+
+
+def test_the_key_fields_are_the_ones_that_change_the_pipeline_call() -> None:
+    assert [f.name for f in schema.KEY_FIELDS] == [
+        "size",
+        "num_inference_steps",
+        "guidance_scale",
+        "strength",
+    ]
+    req = resolve_defaults(parse_generation({"prompt": "x"}, LIMITS), DEFAULTS, LIMITS)
+    assert dict(req.key_values()) == {"size": (512, 256), "steps": 28, "guidance": 4.5}
+
+
+def test_docs_api_md_shows_the_field_table() -> None:
+    """docs/api.md's field table is generated; ``IMAGEFLEET_UPDATE_DOCS=1`` rewrites it."""
+    text = API_MD.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    expected = schema.markdown_table()
+    if os.environ.get("IMAGEFLEET_UPDATE_DOCS") == "1":
+        API_MD.write_text(text[:start] + expected + text[end:])
+        return
+    assert text[start:end] == expected, "docs/api.md is stale: rerun this test with IMAGEFLEET_UPDATE_DOCS=1"
+
+
+# --- the lenient cost view ---
+
+
+def test_the_cost_view_reads_only_pricing_fields() -> None:
+    view = cost_view({"prompt": "x", "n": 2, "size": "64x32", "num_inference_steps": 8, "guidance_scale": 9})
+    assert view == CostView(n=2, width=64, height=32, steps=8)
+    assert view.work_units(default_width=1, default_height=1, default_steps=1) == 2 * 8 * 64 * 32 / 1e6
+
+
+def test_the_cost_view_accepts_what_the_widest_pod_settings_allow() -> None:
+    widest_n = schema.MAX_N.widest()
+    assert cost_view({"n": int(widest_n)}).n == widest_n
+    assert cost_view({"n": int(widest_n) + 1}).n == 1  # no pod takes it: priced as the default
+
+
+requests = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=20).filter(str.strip)},
+    optional={
+        "n": st.integers(1, LIMITS.max_n),
+        "size": st.tuples(st.integers(1, 8), st.integers(1, 8)).map(lambda s: f"{s[0] * 16}x{s[1] * 16}"),
+        "num_inference_steps": st.integers(1, LIMITS.max_steps),
+        "guidance_scale": st.floats(0, 100),
+        "seed": st.integers(0, 1000),
+    },
+)
+
+
+@given(requests)
+def test_the_cost_view_agrees_with_strict_parsing_on_every_valid_request(body: dict[str, Any]) -> None:
+    req = parse_generation(body, LIMITS)
+    for as_text in (False, True):  # JSON values, and the same as multipart text
+        fields = {k: str(v) for k, v in body.items()} if as_text else body
+        view = cost_view(fields)
+        assert (view.n, view.width, view.height, view.steps) == (req.n, req.width, req.height, req.steps)

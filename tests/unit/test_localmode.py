@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from imagefleet import cli, settings
+from imagefleet import settings
 from imagefleet.localmode import (
     banner,
     plan_pods,
-    pod_arguments,
     pod_command,
     public_url,
     restart_delay,
@@ -40,28 +37,6 @@ def test_one_pod_per_gpu_on_consecutive_ports() -> None:
 def test_cpu_pods_see_no_gpu() -> None:
     local = settings.load(ServeSettings, {}, env={}, cpu_pods=2)
     assert [(p.name, p.cuda_visible_devices) for p in plan_pods([], local)] == [("cpu0", ""), ("cpu1", "")]
-
-
-def test_pod_flags_reproduce_the_settings_exactly() -> None:
-    pod = settings.load(
-        PodSettings,
-        {},
-        env={},
-        model="synthetic:sd3.5-medium",
-        max_batch_size=8,
-        warmup=False,
-        default_steps=20,
-        revision=None,
-        fault_injection=True,
-    )
-    args = pod_arguments(pod)
-    parsed = cli.build_parser().parse_args(["pod", *args])
-    # the environment must not leak in: every setting the parent resolved is an explicit flag
-    again = settings.load(
-        PodSettings, parsed, env={"IMAGEFLEET_MAX_BATCH_SIZE": "1", "IMAGEFLEET_WARMUP": "true"}
-    )
-    assert dataclasses.replace(again, host=pod.host, port=pod.port) == pod
-    assert "--no-warmup" in args and "--fault-injection" in args
 
 
 def test_pod_command_listens_on_loopback() -> None:

@@ -1,0 +1,160 @@
+"""The batch state: queued samples, accepted jobs, the running batch, and the choice of the next.
+
+Synchronous and clockless, as text-generation-inference's ``State``: plain numbers in (the time
+``now``, the GPU's busy share), decisions out, no event loop and no futures, so every rule here is
+unit-tested directly. The one batch loop (:mod:`.batchloop`) asks :meth:`BatchState.next` for
+work whenever the GPU frees; admission and cancellation change the state from the same event-loop
+thread, so nothing here needs a lock.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from imagefleet.inference_pod import batching
+from imagefleet.inference_pod.batching import CompatKey, Queue, Sample
+from imagefleet.inference_pod.costs import ArrivalMeter, CostModel
+
+
+@dataclass(eq=False)
+class Job:
+    """One accepted request: ``n`` samples of one key, until each has run or the job is gone."""
+
+    id: str
+    key: CompatKey
+    samples: list[Sample]
+    created: float
+
+
+@dataclass(frozen=True)
+class Take:
+    """Run these samples now (already out of the queue; they are the running batch)."""
+
+    samples: list[Sample]
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Ask again in ``seconds`` (or as soon as something changes): the batch may still fill."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What cancelling a job did: samples dropped from the queue, and whether the running batch
+    has no live request left (so it should stop at its next step)."""
+
+    queued: int
+    stop_running: bool
+
+
+class BatchState:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_queued_images: int,
+        max_wait_s: float,
+        fill: bool,
+        costs: CostModel,
+        arrivals: ArrivalMeter | None = None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queued_images = max_queued_images
+        self.max_wait_s = max_wait_s
+        self.fill = fill
+        self.costs = costs
+        self.arrivals = arrivals or ArrivalMeter()
+        self.queue = Queue()
+        self.jobs: dict[str, Job] = {}
+        self.running: list[Sample] | None = None
+        self._last_arrival = 0.0
+
+    # --- admission and removal ---
+
+    def has_room(self, samples: int) -> bool:
+        return len(self.queue) + samples <= self.max_queued_images
+
+    def add(self, job: Job, now: float) -> None:
+        """Queue ``job``'s samples (the caller checked :meth:`has_room`)."""
+        self.jobs[job.id] = job
+        self.queue.add(job.samples)
+        self.arrivals.record(now, job.key, len(job.samples), self.costs.seconds(job.key, 1))
+        self._last_arrival = now
+
+    def cancel(self, job_id: str) -> Dropped | None:
+        """Forget a job whose client left; None if it was already gone."""
+        if self.jobs.pop(job_id, None) is None:
+            return None
+        dropped = self.queue.remove(lambda s: s.job_id == job_id)
+        running = self.running
+        stop = bool(running) and all(s.job_id not in self.jobs for s in running or ())
+        return Dropped(queued=len(dropped), stop_running=stop)
+
+    def remove(self, job_id: str) -> None:
+        """Forget a finished or failed job, and any of its samples still queued."""
+        if self.jobs.pop(job_id, None) is not None:
+            self.queue.remove(lambda s: s.job_id == job_id)
+
+    def clear(self) -> list[Job]:
+        """Forget every job (shutdown, quarantine); returns them."""
+        jobs = list(self.jobs.values())
+        self.jobs.clear()
+        self.queue.remove(lambda s: True)
+        return jobs
+
+    # --- batches ---
+
+    def next(self, now: float, busy_fraction: float) -> Take | Wait | None:
+        """The next batch to run, a wait, or None when nothing is queued."""
+        group = self.queue.oldest_group(self.max_batch_size)
+        if not group:
+            return None
+        key = group[0].key
+        decision = batching.plan(
+            queued=self.queue.group_count(key),
+            max_batch=self.costs.max_batch(key, self.max_batch_size),
+            oldest_age_s=now - group[0].enqueued_at,
+            since_last_arrival_s=now - self._last_arrival,
+            max_wait_s=self.max_wait_s,
+            other_keys_waiting=self.queue.has_other_keys(key),
+            batch_seconds=functools.partial(self.costs.seconds, key),
+            utilisation=self.utilisation(now, busy_fraction),
+            arrivals_per_s=self.arrivals.rate(key, now),
+            fill=self.fill,
+        )
+        if decision.wait_s > 0:
+            return Wait(decision.wait_s)
+        batch = group[: decision.size]
+        self.queue.take(batch)
+        self.running = batch
+        return Take(batch)
+
+    def finish(self) -> None:
+        """The running batch is over (whatever its outcome)."""
+        self.running = None
+
+    def utilisation(self, now: float, busy_fraction: float) -> float:
+        """How loaded the GPU is, for the batch policy: 1.0 means it never gets a rest.
+
+        The larger of the demand that arrived (at batch size 1) and the share of the window the
+        GPU actually spent busy. A full queue alone is not load: a one-off burst is served
+        fastest on average one by one where batching buys little.
+        """
+        return max(self.arrivals.utilisation(now), busy_fraction)
+
+    # --- what is waiting ---
+
+    @property
+    def queued_samples(self) -> int:
+        return len(self.queue)
+
+    @property
+    def queued_requests(self) -> int:
+        return len({s.job_id for s in self.queue})
+
+    @property
+    def running_samples(self) -> int:
+        return len(self.running) if self.running else 0

@@ -1,0 +1,121 @@
+"""The fault-injection test hook (``--fault-injection``): make the next batches fail or stall.
+
+Everything about it is here. :func:`wrap` wraps the batch runner so that each batch carries one
+more step hook (:data:`~.worker.StepHook`); the worker runs step hooks without knowing what they
+do, and the batch loop classifies the failure by its type (:class:`InjectedFault` is a
+:class:`~.worker.BatchFault` of kind ``injected``). The ``/debug/*`` routes exist only when the
+hook is on (:mod:`.routes`). Never on in production.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from imagefleet.errors import InvalidRequest
+from imagefleet.inference_pod.worker import BatchFault, BatchRun, Outcome, RunBatch
+
+KINDS = ("runtime", "oom", "stall")
+MAX_STALL_S = 600
+
+
+class InjectedFault(BatchFault, RuntimeError):
+    """A failure asked for through the fault-injection test hook."""
+
+    kind = "injected"
+    device = True  # it stands for a GPU failure
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # "runtime": the pipeline raises; "oom": CUDA out-of-memory; "stall": a slow first step
+    min_batch: int = 1
+    seconds: float = 0.0
+
+
+class FaultPlan:
+    """The armed faults: the next ``count`` pipeline calls of at least ``min_batch`` samples fail
+    (``runtime``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[Fault] = []
+
+    def arm(self, kind: str, count: int, min_batch: int = 1, seconds: float = 0.0) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+        with self._lock:
+            self._pending.extend([Fault(kind, min_batch, seconds)] * count)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending.clear()
+
+    def take(self, batch_size: int) -> Fault | None:
+        with self._lock:
+            for i, fault in enumerate(self._pending):
+                if batch_size >= fault.min_batch:
+                    del self._pending[i]
+                    return fault
+        return None
+
+
+class _Hook:
+    """One batch's step hook: at the first step of each pipeline call, act out an armed fault."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.stalled = False
+
+    def __call__(self, run: BatchRun, step: int, samples: int) -> None:
+        if step != 0:
+            return
+        fault = self.plan.take(samples)
+        if fault is None:
+            return
+        if fault.kind == "stall":
+            self.stalled = True
+            run.stop.wait(fault.seconds)
+        elif fault.kind == "oom":
+            raise torch.OutOfMemoryError("injected out-of-memory")
+        else:
+            raise InjectedFault("injected pipeline fault")
+
+
+def wrap(run_batch: RunBatch, plan: FaultPlan) -> RunBatch:
+    """``run_batch`` with the hook on every batch; a stalled batch's timings are dropped (they say
+    nothing about the GPU)."""
+
+    def run(batch: BatchRun) -> Outcome:
+        hook = _Hook(plan)
+        batch.hooks.append(hook)
+        outcome = run_batch(batch)
+        if hook.stalled:
+            outcome.timings.clear()
+        return outcome
+
+    return run
+
+
+def arm_from_json(plan: FaultPlan, body: Any) -> dict[str, Any]:
+    """Apply the body of ``POST /debug/faults``; the answer to send. 400 for a bad body."""
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("Expected a JSON object.")
+    kind, count, min_batch = body.get("kind", "runtime"), body.get("count", 1), body.get("min_batch", 1)
+    seconds = body.get("seconds", 0.0)
+    if not isinstance(count, int) or not isinstance(min_batch, int) or count < 0:
+        raise InvalidRequest("count and min_batch must be non-negative integers.")
+    if not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_STALL_S:
+        raise InvalidRequest(f"seconds must be a number between 0 and {MAX_STALL_S}.", param="seconds")
+    try:
+        if count == 0:
+            plan.clear()
+        else:
+            plan.arm(str(kind), count, min_batch, float(seconds))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="kind") from None
+    return {"armed": count, "kind": kind}
