@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real control plane (see imagefleet.testing.controlplane).
+"""Fixtures for tests against a real control plane (see imagefleet.devcluster.controlplane).
 
 One control plane per pytest session; each test gets a fresh namespace. Every test in this folder
 carries the ``cluster`` marker, so ``pytest -m "not cluster"`` leaves them out.
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from imagefleet.testing import binaries
-from imagefleet.testing.controlplane import ControlPlane, Settings
+from imagefleet.devcluster import binaries
+from imagefleet.devcluster.controlplane import ControlPlane, Settings
 from imagefleet.testing.wait import until
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """``make cluster-up`` / ``cluster-down``: a control plane that outlives the command that started it.
 
-Drives ``python -m imagefleet.testing.controlplane`` exactly as the make targets do, in a state
+Drives ``python -m imagefleet.devcluster`` exactly as the make targets do, in a state
 directory of the test's own, and uses the printed export lines the way a user pastes them.
 """
 
@@ -12,14 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imagefleet.testing.processes import ProcessRecord, is_running
+from imagefleet.devcluster.processes import ProcessRecord, is_running
 from imagefleet.testing.wait import until
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(command: str, state_dir: Path, bin_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "imagefleet.testing.controlplane", command, "--state-dir", str(state_dir)]
+    argv = [sys.executable, "-m", "imagefleet.devcluster", command, "--state-dir", str(state_dir)]
     env = {**os.environ, "IMAGEFLEET_K8S_BIN": str(bin_dir)}
     env.pop("KUBECONFIG", None)
     return subprocess.run(
@@ -50,7 +50,7 @@ def _records(state_dir: Path) -> list[ProcessRecord]:
 
 def test_up_outlives_the_command_and_down_stops_it(tmp_path: Path, bin_dir: Path) -> None:
     state_dir = tmp_path / "cluster"
-    up = _cli("up", state_dir, bin_dir, "--nodes", "1", "--gpus", "4")
+    up = _cli("up", state_dir, bin_dir, "--nodes", "1", "--gpus", "4", "--kwok-nodes", "1")
     assert up.returncode == 0, up.stderr
     try:
         lines = up.stdout.splitlines()
@@ -62,14 +62,17 @@ def test_up_outlives_the_command_and_down_stops_it(tmp_path: Path, bin_dir: Path
             "kube-controller-manager",
             "kube-scheduler",
             "kwok",
+            "kubelet",
         ]
         assert all(is_running(r) for r in records)  # the `up` process has exited; they have not
 
         found = _in_shell(up.stdout, "command -v kubectl helm", tmp_path).split()
         assert found == [str(bin_dir / "kubectl"), str(bin_dir / "helm")]
         nodes = json.loads(_in_shell(up.stdout, "kubectl get nodes -o json", tmp_path))["items"]
-        assert [n["metadata"]["name"] for n in nodes] == ["gpu-node-0"]
-        assert nodes[0]["status"]["allocatable"]["nvidia.com/gpu"] == "4"
+        assert [n["metadata"]["name"] for n in nodes] == ["gpu-node-0", "kwok-node-1"]
+        kinds = [n["metadata"]["labels"]["imagefleet.dev/node-kind"] for n in nodes]
+        assert kinds == ["process", "kwok"]  # run by the process kubelet and by KWOK
+        assert all(n["status"]["allocatable"]["nvidia.com/gpu"] == "4" for n in nodes)
         assert json.loads(_in_shell(up.stdout, "helm list --all-namespaces -o json", tmp_path)) == []
 
         assert _cli("env", state_dir, bin_dir).stdout == up.stdout

@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from imagefleet.testing import binaries, nodes
+from imagefleet.devcluster import binaries, nodes
 from imagefleet.testing.wait import until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +175,12 @@ def test_imagegenerator_crd_is_served_and_validated(
     created = json.loads(tools.kubectl("get", *ns, "imggen", "valid", "-o", "json").stdout)
     assert created["spec"]["replicas"] == 1  # schema default
     assert created["spec"]["gpuResourceName"] == GPU
-    assert created["spec"]["batching"] == {"maxBatchSize": 8}
+    assert created["spec"]["batching"] == {
+        "maxBatchSize": 8,  # given; the rest are schema defaults, the pod settings' own
+        "maxWaitMs": 500,
+        "maxQueuedImages": 64,
+        "policy": "auto",
+    }
 
     negative = tools.kubectl("create", *ns, "-f", "-", stdin=_generator("negative", replicas=-1), check=False)
     assert negative.returncode != 0
@@ -197,7 +202,7 @@ def test_imagegenerator_crd_is_served_and_validated(
         check=False,
     )
     assert crossed.returncode != 0
-    assert "minReplicas must not exceed maxReplicas" in crossed.stderr
+    assert "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" in crossed.stderr
 
     listed = tools.kubectl("get", *ns, "imagegenerators").stdout
     assert listed.split()[:6] == ["NAME", "REPLICAS", "READY", "QUEUED", "IMG/MIN", "AGE"]

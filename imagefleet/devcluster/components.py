@@ -3,7 +3,8 @@
 Everything listens on 127.0.0.1 only, on ports picked at start. The flag sets are the minimum
 that gives real behaviour: RBAC and service-account tokens on the apiserver, garbage collection,
 namespace finalisation and the workload controllers in kube-controller-manager, real scheduling
-of extended resources in kube-scheduler, and KWOK playing the kubelet of the fake nodes.
+of extended resources in kube-scheduler, KWOK playing the kubelet of the fake nodes, and the
+process kubelet (:mod:`.kubelet`) playing the kubelet of the process nodes.
 
 ``--advertise-address=127.0.0.1`` needs ``--endpoint-reconciler-type=none``: newer apiservers
 refuse a loopback advertise address for the lease reconciler, and nothing here needs the
@@ -12,12 +13,12 @@ refuse a loopback advertise address for the lease reconciler, and nothing here n
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from imagefleet.testing.pki import Pki
+from imagefleet.devcluster.pki import Pki
 
 CONTEXT = "imagefleet-test"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
@@ -35,6 +36,7 @@ class Ports:
     controller_manager: int
     scheduler: int
     kwok: int
+    kubelet: int
 
     @property
     def etcd_url(self) -> str:
@@ -135,8 +137,41 @@ def kwok(bin_dir: Path, stages: Path, kubeconfig: Path, ports: Ports) -> list[st
     ]
 
 
-def kubeconfig_yaml(pki: Pki, ports: Ports, namespace: str = "default") -> str:
-    """A kubeconfig for the admin user (group system:masters); paths are absolute."""
+def kubelet(
+    kubeconfig: Path,
+    state_dir: Path,
+    ports: Ports,
+    *,
+    nodes: int,
+    gpus: int,
+    gpu_resource: str,
+    crash_backoff_s: float,
+    first_index: int = 0,
+) -> list[str]:
+    """The process kubelet, run by this interpreter (``-P``: the repository root, which holds a
+    folder named ``operator``, must not shadow the standard library)."""
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "imagefleet.devcluster.kubelet",
+        f"--kubeconfig={kubeconfig}",
+        f"--state-dir={state_dir}",
+        f"--nodes={nodes}",
+        f"--gpus={gpus}",
+        f"--gpu-resource={gpu_resource}",
+        f"--crash-backoff-s={crash_backoff_s:g}",
+        f"--healthz-port={ports.kubelet}",
+        f"--first-index={first_index}",
+    ]
+
+
+def kubeconfig_json(pki: Pki, ports: Ports, namespace: str = "default") -> str:
+    """A kubeconfig for the admin user (group system:masters); paths are absolute.
+
+    Written as JSON, which is YAML too: kubectl, helm and the ``kubernetes`` client read it, and
+    this package needs no YAML library.
+    """
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -157,4 +192,4 @@ def kubeconfig_yaml(pki: Pki, ports: Ports, namespace: str = "default") -> str:
         ],
         "current-context": CONTEXT,
     }
-    return yaml.safe_dump(config, sort_keys=False)
+    return json.dumps(config, indent=2) + "\n"

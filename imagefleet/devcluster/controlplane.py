@@ -1,13 +1,15 @@
 """A real Kubernetes control plane on loopback, for tests and for people.
 
-Start order: etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler -> KWOK -> fake GPU
-nodes. Each step waits for the component's health endpoint (or, for nodes, their Ready condition)
-and fails with the component, the URL and the tail of its log. Everything a control plane owns
-lives in one state directory::
+Start order: etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler -> KWOK -> the
+process kubelet (which registers the process nodes ``gpu-node-<i>``) -> KWOK nodes
+(``kwok-node-<i>``, indices after the process nodes). Each step waits for the component's health
+endpoint (or, for nodes, their Ready condition) and fails with the component, the URL and the
+tail of its log. Everything a control plane owns lives in one state directory::
 
     pki/          CA, apiserver serving cert, admin client cert, service-account key
     etcd/         etcd data
     certs/<c>/    self-signed serving certs the components make for themselves
+    kubelet/      the process kubelet's pods: logs, volumes, service-account files
     logs/<c>.log  one log per component
     kubeconfig    admin credentials (group system:masters)
     state.json    bin dir and the (name, pid, start time, log) of every process
@@ -15,20 +17,22 @@ lives in one state directory::
 The state file is written after every start, so a half-started plane can still be stopped. Used
 from pytest (``tests/cluster/conftest.py``) and by hand::
 
-    python -m imagefleet.testing.controlplane up     # start (detached) and print export lines
-    python -m imagefleet.testing.controlplane env    # print them again
-    python -m imagefleet.testing.controlplane down   # stop and remove the state directory
+    python -m imagefleet.devcluster up     # start (detached) and print export lines
+    python -m imagefleet.devcluster env    # print them again
+    python -m imagefleet.devcluster down   # stop and remove the state directory
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import shutil
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -36,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagefleet.testing import binaries, components, nodes
-from imagefleet.testing.pki import Pki, create_pki
-from imagefleet.testing.processes import (
+from imagefleet.devcluster import binaries, components, nodes
+from imagefleet.devcluster.pki import Pki, create_pki
+from imagefleet.devcluster.processes import (
     ProcessRecord,
     StartupError,
     free_ports,
@@ -57,9 +61,14 @@ class Settings:
 
     state_dir: Path
     bin_dir: Path = field(default_factory=binaries.default_bin_dir)
-    gpu_nodes: int = 2
+    gpu_nodes: int = 2  # process nodes, run by the process kubelet
     gpus_per_node: int = 8
     gpu_resource: str = "nvidia.com/gpu"
+    kwok_nodes: int = 0  # KWOK nodes (nothing runs on them), for scale work
+    first_node_index: int = 0
+    """Index of the first node: it picks node names and pod IPs (127.1.<index>.x), so two planes on
+    one machine with disjoint index ranges never hand out the same pod address."""
+    crash_backoff_s: float = 10.0  # the process kubelet's first CrashLoopBackOff delay
     detach: bool = False  # own session: the processes outlive the Python process that started them
     start_timeout: float = 90.0
     stop_timeout: float = 10.0
@@ -75,7 +84,12 @@ def default_state_dir() -> Path:
 
 
 def node_name(index: int) -> str:
+    """The name of process node ``index``."""
     return f"gpu-node-{index}"
+
+
+def kwok_node_name(index: int) -> str:
+    return f"kwok-node-{index}"
 
 
 class ControlPlane:
@@ -83,6 +97,7 @@ class ControlPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._launched: dict[str, tuple[list[str], str, Callable[[], str | None]]] = {}
         self.processes: list[ProcessRecord] = []
         self.node_names: list[str] = []
 
@@ -130,6 +145,14 @@ class ControlPlane:
 
     def start(self) -> None:
         """Start every component and the fake nodes; on failure stop what started and re-raise."""
+        s = self.settings
+        if (
+            s.gpu_nodes < 0
+            or s.kwok_nodes < 0
+            or s.first_node_index < 0
+            or s.first_node_index + s.gpu_nodes + s.kwok_nodes > nodes.MAX_NODES
+        ):
+            raise ValueError(f"{s.gpu_nodes} process + {s.kwok_nodes} KWOK nodes: at most {nodes.MAX_NODES}")
         absent = binaries.missing(self.settings.bin_dir)
         if absent:
             raise FileNotFoundError(
@@ -152,7 +175,7 @@ class ControlPlane:
     def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         pki = create_pki(self.state_dir / "pki")
-        ports = components.Ports(*free_ports(6))
+        ports = components.Ports(*free_ports(7))
         bin_dir = self.settings.bin_dir
         self._launch(
             "etcd",
@@ -166,7 +189,7 @@ class ControlPlane:
             f"{ports.apiserver_url}/readyz",
             context=_client_context(pki),
         )
-        self.kubeconfig.write_text(components.kubeconfig_yaml(pki, ports))
+        self.kubeconfig.write_text(components.kubeconfig_json(pki, ports))
         self._launch(
             "kube-controller-manager",
             components.controller_manager(bin_dir, pki, self.kubeconfig, self._certs("kcm"), ports),
@@ -184,7 +207,22 @@ class ControlPlane:
             components.kwok(bin_dir, binaries.kwok_stages(bin_dir), self.kubeconfig, ports),
             f"http://127.0.0.1:{ports.kwok}/healthz",
         )
-        self._add_gpu_nodes()
+        s = self.settings
+        self._launch(
+            "kubelet",
+            components.kubelet(
+                self.kubeconfig,
+                self.state_dir / "kubelet",
+                ports,
+                nodes=s.gpu_nodes,
+                gpus=s.gpus_per_node,
+                gpu_resource=s.gpu_resource,
+                crash_backoff_s=s.crash_backoff_s,
+                first_index=s.first_node_index,
+            ),
+            f"http://127.0.0.1:{ports.kubelet}/healthz",
+        )
+        self._add_nodes()
 
     def _launch(
         self,
@@ -199,25 +237,50 @@ class ControlPlane:
         record = start(name, argv, self.logs_dir / f"{name}.log", detach=self.settings.detach)
         self.processes.append(record)
         self._save()
-        wait_ready(record, url, _http_probe(url, context, body_ok), self.settings.start_timeout)
+        probe = _http_probe(url, context, body_ok)
+        self._launched[name] = (list(argv), url, probe)
+        wait_ready(record, url, probe, self.settings.start_timeout)
 
-    def _add_gpu_nodes(self) -> None:
+    def restart(self, name: str, downtime_s: float = 0.0) -> None:
+        """Stop one component as a crash would (SIGTERM, SIGKILL after 2 s), keep it down for
+        ``downtime_s`` seconds, start it again with the same command line and wait until healthy.
+
+        For tests of what survives an apiserver (or scheduler, kubelet...) restart; only for a
+        plane started by this object.
+        """
+        index = next(i for i, p in enumerate(self.processes) if p.name == name)
+        argv, url, probe = self._launched[name]
+        old = self.processes[index]
+        stop(old, 2.0)
+        time.sleep(downtime_s)
+        new = start(name, argv, old.log, detach=self.settings.detach)
+        self.processes[index] = new
+        self._save()
+        wait_ready(new, url, probe, self.settings.start_timeout)
+
+    def _add_nodes(self) -> None:
+        """Create the KWOK nodes and wait until every node (process and KWOK) is Ready."""
         from kubernetes import client
 
         s = self.settings
+        first = s.first_node_index
+        process_nodes = [node_name(first + i) for i in range(s.gpu_nodes)]
         with self.api_client() as api:
             core = client.CoreV1Api(api)
             manifests = (
-                nodes.gpu_node(node_name(i), i, s.gpus_per_node, s.gpu_resource) for i in range(s.gpu_nodes)
+                nodes.gpu_node(kwok_node_name(i), i, s.gpus_per_node, s.gpu_resource)
+                for i in range(first + s.gpu_nodes, first + s.gpu_nodes + s.kwok_nodes)
             )
-            self.node_names = nodes.create(core, manifests)
-            kwok = next(p for p in self.processes if p.name == "kwok")
-            wait_ready(
-                kwok,
-                "(Node Ready conditions)",
-                lambda: nodes.not_ready(core, self.node_names),
-                s.start_timeout,
-            )
+            self.node_names = process_nodes + nodes.create(core, manifests)
+            self._save()
+            for component, names in (("kubelet", process_nodes), ("kwok", self.node_names[s.gpu_nodes :])):
+                record = next(p for p in self.processes if p.name == component)
+                wait_ready(
+                    record,
+                    "(Node Ready conditions)",
+                    functools.partial(nodes.not_ready, core, names),
+                    s.start_timeout,
+                )
         self._save()
 
     def _certs(self, component: str) -> Path:
@@ -301,7 +364,15 @@ def _up(state_dir: Path, args: argparse.Namespace) -> int:
     if existing is not None:
         existing.stop()
     shutil.rmtree(state_dir, ignore_errors=True)
-    settings = Settings(state_dir=state_dir, gpu_nodes=args.nodes, gpus_per_node=args.gpus, detach=True)
+    settings = Settings(
+        state_dir=state_dir,
+        gpu_nodes=args.nodes,
+        gpus_per_node=args.gpus,
+        kwok_nodes=args.kwok_nodes,
+        crash_backoff_s=args.crash_backoff_s,
+        first_node_index=args.first_node_index,
+        detach=True,
+    )
     plane = ControlPlane(settings)
     print(f"starting control plane in {state_dir} ...", file=sys.stderr)
     try:
@@ -310,7 +381,8 @@ def _up(state_dir: Path, args: argparse.Namespace) -> int:
         print(f"error: {err}\nlogs kept in {plane.logs_dir}", file=sys.stderr)
         return 1
     print(
-        f"ready: {len(plane.node_names)} fake nodes with {args.gpus} GPUs each; logs in {plane.logs_dir}",
+        f"ready: {args.nodes} process nodes and {args.kwok_nodes} KWOK nodes with {args.gpus} GPUs each;"
+        f" logs in {plane.logs_dir}, pod logs in {plane.state_dir / 'kubelet' / 'pods'}",
         file=sys.stderr,
     )
     print(plane.export_lines())
@@ -337,9 +409,9 @@ def _env(state_dir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m imagefleet.devcluster") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m imagefleet.testing.controlplane",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -350,8 +422,28 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: $IMAGEFLEET_CLUSTER_DIR or ~/.cache/imagefleet/cluster",
     )
-    parser.add_argument("--nodes", type=int, default=2, help="fake GPU nodes (up only)")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs per fake node (up only)")
+    parser.add_argument(
+        "--nodes", type=int, default=2, help="process nodes, run by the process kubelet (up only)"
+    )
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (up only)")
+    parser.add_argument(
+        "--first-node-index",
+        type=int,
+        default=0,
+        help="index of the first node: node names and pod IPs 127.1.<index>.x (up only)",
+    )
+    parser.add_argument(
+        "--kwok-nodes",
+        type=int,
+        default=0,
+        help="KWOK nodes, where no process runs, for scale work (up only)",
+    )
+    parser.add_argument(
+        "--crash-backoff-s",
+        type=float,
+        default=10.0,
+        help="first CrashLoopBackOff delay of the process kubelet",
+    )
     args = parser.parse_args(argv)
     state_dir = (args.state_dir or default_state_dir()).expanduser().resolve()
     if args.command == "up":
