@@ -4,7 +4,8 @@ Subcommands:
 
 * ``pod``    -- one inference pod: one model on one GPU (or the CPU);
 * ``router`` -- the router in front of pods (static list or Kubernetes discovery);
-* ``serve``  -- local mode: a router plus one pod process per GPU.
+* ``serve``  -- local mode: a router plus one pod process per GPU;
+* ``operator`` -- the Kubernetes operator (ImageGenerator resources to pods, router, status).
 
 Flags come from the settings dataclasses in :mod:`imagefleet.settings`; each flag may also be set
 with its ``IMAGEFLEET_<NAME>`` environment variable.
@@ -21,7 +22,16 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from imagefleet import __version__, settings
-from imagefleet.settings import PodSettings, RouterSettings, ServeSettings, SettingsError
+from imagefleet.settings import (
+    OperatorSettings,
+    PodSettings,
+    RouterSettings,
+    ServeSettings,
+    SettingsError,
+)
+
+POD_EXTRAS = frozenset(("torch", "diffusers", "transformers", "accelerate", "PIL"))
+"""What ``pip install 'imagefleet[pod]'`` adds: the control-plane image has none of them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         RouterSettings,
         title="router",
-        exclude=("discovery", "backends", "namespace", "selector", "backend_port", "log_level"),
+        # local mode sets the router's stop budget from the pods' (it waits while they drain)
+        exclude=(
+            "discovery",
+            "backends",
+            "namespace",
+            "selector",
+            "backend_port",
+            "log_level",
+            "shutdown_timeout_s",
+            "stop_timeout_s",
+        ),
     )
     settings.add_arguments(
         serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb")
     )
+    operator = sub.add_parser(
+        "operator", help="run the Kubernetes operator (ImageGenerator resources to pods and a router)"
+    )
+    settings.add_arguments(operator, OperatorSettings, title="operator")
     return parser
 
 
@@ -74,8 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from imagefleet.localmode import serve_local
 
             return run(serve_local(local, router_settings, pod_settings))
+        if args.command == "operator":
+            operator_settings = settings.load(OperatorSettings, args)
+            _logging(operator_settings.log_level)
+            from imagefleet.operator.app import run as run_operator
+
+            return run_operator(operator_settings)
     except SettingsError as exc:
         print(f"imagefleet: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in POD_EXTRAS:
+            raise
+        print(
+            f"imagefleet {args.command}: {exc.name} is not installed; inference pods need the pod "
+            "extras: pip install 'imagefleet[pod]'",
+            file=sys.stderr,
+        )
         return 2
     raise AssertionError(args.command)
 

@@ -42,6 +42,18 @@ ROUTER_PICK_SECONDS = PREFIX + "router_pick_duration_seconds"
 ROUTER_BACKENDS = PREFIX + "router_backends"  # gauge, label state: known, healthy, ready
 ROUTER_REQUEST_SECONDS = PREFIX + "router_request_duration_seconds"  # histogram, label endpoint
 
+# --- operator ---
+OPERATOR_PASSES = PREFIX + "operator_reconcile_passes"  # counter, label result
+OPERATOR_PASS_SECONDS = PREFIX + "operator_reconcile_duration_seconds"
+OPERATOR_SCRAPE_SECONDS = PREFIX + "operator_scrape_duration_seconds"
+OPERATOR_SCRAPE_FAILURES = PREFIX + "operator_scrape_failures"
+OPERATOR_STATUS_WRITES = PREFIX + "operator_status_writes"
+OPERATOR_POD_CHANGES = PREFIX + "operator_pod_changes"
+OPERATOR_REPLACEMENTS = PREFIX + "operator_pod_replacements"  # counter, label reason
+OPERATOR_API_REQUESTS = PREFIX + "operator_api_requests"
+OPERATOR_GENERATORS = PREFIX + "operator_generators"
+OPERATOR_LEADER = PREFIX + "operator_leader"
+
 
 @dataclass
 class Sample:

@@ -1,0 +1,174 @@
+"""The operator as separate processes that die: killed mid-reconcile, two replicas, apiserver down.
+
+These start ``imagefleet operator`` as real processes (SIGKILL must be able to hit it half-way),
+each watching only the test's namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from imagefleet import wire
+from imagefleet.devcluster.controlplane import ControlPlane
+from imagefleet.testing.wait import until
+from tests.cluster.conftest import Tools
+from tests.cluster.test_operator import REPO, Generator, Traffic
+
+START_S = 120.0
+
+
+class OperatorProcess:
+    def __init__(self, plane: ControlPlane, namespace: str, log: Path, *extra: str, name: str = "op") -> None:
+        self.log = log
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(plane.kubeconfig),
+            "POD_NAME": name,
+            "POD_NAMESPACE": namespace,
+        }
+        argv = [
+            sys.executable, "-m", "imagefleet", "operator",
+            "--namespaces", namespace,
+            "--health-port", "0",
+            "--status-interval-s", "2",
+            "--scrape-timeout-s", "1",
+            "--prestop-delay-s", "1",
+            *extra,
+        ]  # fmt: skip
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[OperatorProcess]]:
+    started: list[OperatorProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def crd(tools: Tools) -> None:
+    tools.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "imagegenerator.yaml"))
+    tools.kubectl("wait", "--for=condition=Established", f"crd/{wire.CRD_NAME}", "--timeout=60s")
+
+
+@pytest.fixture
+def generator(tools: Tools, api_client: Any, namespace: str, crd: None) -> Generator:
+    return Generator(tools, api_client, namespace)
+
+
+def owned_counts(api_client: Any, namespace: str) -> dict[str, int]:
+    core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+    selector = f"{wire.LABEL_GENERATOR}=tiny"
+    return {
+        "services": len(core.list_namespaced_service(namespace, label_selector=selector).items),
+        "deployments": len(apps.list_namespaced_deployment(namespace, label_selector=selector).items),
+        "configmaps": len(core.list_namespaced_config_map(namespace, label_selector=selector).items),
+    }
+
+
+def test_an_operator_killed_mid_reconcile_converges_without_duplicates(
+    control_plane: ControlPlane,
+    generator: Generator,
+    processes: list[OperatorProcess],
+    tmp_path: Path,
+    api_client: Any,
+) -> None:
+    first = OperatorProcess(control_plane, generator.namespace, tmp_path / "first.log")
+    processes.append(first)
+    generator.apply(replicas=4)
+    until(lambda: len(generator.pods()) >= 1, timeout=60, what="the first pods created", describe=first.text)
+    first.kill()  # mid-way: some pods exist, none is ready yet
+    assert len(generator.pods()) <= 4
+    second = OperatorProcess(control_plane, generator.namespace, tmp_path / "second.log")
+    processes.append(second)
+    generator.wait_serving(4, timeout=START_S + 60)
+    pods = generator.pods()
+    slots = sorted(p.metadata.labels[wire.LABEL_SLOT] for p in pods)
+    assert slots == ["0", "1", "2", "3"]
+    assert owned_counts(api_client, generator.namespace) == {"services": 2, "deployments": 1, "configmaps": 1}
+    assert "Traceback" not in second.text()
+
+
+def test_two_replicas_take_turns_with_a_lease(
+    control_plane: ControlPlane,
+    generator: Generator,
+    processes: list[OperatorProcess],
+    tmp_path: Path,
+    api_client: Any,
+) -> None:
+    ns = generator.namespace
+    lease_args = ("--leader-election", "--lease-namespace", ns, "--lease-duration-s", "6")
+    a = OperatorProcess(control_plane, ns, tmp_path / "a.log", *lease_args, name="op-a")
+    b = OperatorProcess(control_plane, ns, tmp_path / "b.log", *lease_args, name="op-b")
+    processes += [a, b]
+    coordination = client.CoordinationV1Api(api_client)
+
+    def holder() -> str | None:
+        try:
+            lease = coordination.read_namespaced_lease("imagefleet-operator", ns)
+        except client.exceptions.ApiException:
+            return None
+        return lease.spec.holder_identity or None
+
+    leader_name = until(holder, timeout=60, what="a leader")
+    leader, follower = (a, b) if leader_name == "op-a" else (b, a)
+    generator.apply(replicas=2)
+    generator.wait_serving(2)
+    assert "Leading:" in leader.text() and "Following:" in follower.text()
+    assert "Leading:" not in follower.text()
+    leader.kill()
+    until(lambda: holder() not in (None, leader_name), timeout=60, what="the follower taking the Lease")
+    generator.tools.kubectl("scale", "imggen/tiny", "--replicas=3", "-n", ns)
+    generator.wait_serving(3)
+    assert "Leading:" in follower.text()
+    assert len(generator.pods()) == 3
+
+
+def test_the_router_and_the_operator_carry_on_through_an_apiserver_restart(
+    control_plane: ControlPlane,
+    generator: Generator,
+    processes: list[OperatorProcess],
+    tmp_path: Path,
+) -> None:
+    op = OperatorProcess(control_plane, generator.namespace, tmp_path / "op.log")
+    processes.append(op)
+    generator.apply(replicas=2)
+    generator.wait_serving(2)
+    url = generator.router_url()
+    with Traffic(url) as traffic:
+        until(lambda: traffic.ok >= 3, timeout=60, what="traffic flowing")
+        control_plane.restart("kube-apiserver", downtime_s=10.0)
+        sent = traffic.ok
+        until(lambda: traffic.ok >= sent + 3, timeout=60, what="traffic after the restart")
+    assert traffic.failures == []
+    generator.tools.kubectl("scale", "imggen/tiny", "--replicas=3", "-n", generator.namespace)
+    generator.wait_serving(3, timeout=START_S + 60)
