@@ -26,7 +26,14 @@ from imagefleet.inference_pod.counters import PodCounters
 from imagefleet.inference_pod.delivery import Delivery
 from imagefleet.inference_pod.health import PodHealth
 from imagefleet.inference_pod.phase import PodPhase, refused
-from imagefleet.inference_pod.worker import BatchRun, Outcome, RunBatch, SampleFailed, device_fault, error_kind
+from imagefleet.inference_pod.worker import (
+    BatchRun,
+    Outcome,
+    RunBatch,
+    SampleFailed,
+    device_fault,
+    error_kind,
+)
 
 log = logging.getLogger(__name__)
 
