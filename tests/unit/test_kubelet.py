@@ -748,7 +748,7 @@ def test_spawner_reports_exits_and_kills_the_rest_of_the_group(tmp_path: Path) -
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
 
