@@ -313,7 +313,7 @@ class Worker:
             if await self.c.kube.delete_pod(g.namespace, r.pod.name, r.pod.uid):
                 self.c.metrics.replacements.labels(r.reason).inc()
                 await self.c.kube.event(
-                    _regarding(g),
+                    manifests.object_reference(g),
                     reason="PodReplaced",
                     message=f"{r.reason}: {r.message}",
                     action="Replace",
@@ -345,7 +345,9 @@ class Worker:
             f"target {policy.target_queued_seconds:g} s per replica"
         )
         log.info("%s/%s %s", g.namespace, g.name, message)
-        await self.c.kube.event(_regarding(g), reason="Scaled", message=message, action="Scale")
+        await self.c.kube.event(
+            manifests.object_reference(g), reason="Scaled", message=message, action="Scale"
+        )
 
     async def _write_status(
         self, g: GeneratorSpec, body: Mapping[str, Any], current: str, verdict: faults.Verdict, now: float
@@ -424,13 +426,3 @@ def _namespace_closing(exc: Exception) -> bool:
     body = getattr(exc, "body", None)
     text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
     return getattr(exc, "status", None) == 403 and "being terminated" in text
-
-
-def _regarding(g: GeneratorSpec) -> dict[str, Any]:
-    return {
-        "apiVersion": wire.API_VERSION,
-        "kind": wire.KIND,
-        "name": g.name,
-        "namespace": g.namespace,
-        "uid": g.uid,
-    }

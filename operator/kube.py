@@ -2,8 +2,8 @@
 
 Objects are written with server-side apply (the client's ``DynamicClient.server_side_apply``)
 under one field manager, forcing conflicts only over the fields the operator itself renders.
-The client is synchronous, so every call runs on a small thread pool; ``requests`` counts calls
-(the scale benchmark reports API requests per status cycle from it).
+The client is synchronous, so every call runs on a small thread pool; ``on_request`` is told of
+every call (the operator counts them in its metrics, which the scale benchmark reads).
 """
 
 from __future__ import annotations
@@ -56,11 +56,9 @@ class Kube:
         self.events = client.EventsV1Api(api_client)
         self._dynamic: Any = None
         self._pool = ThreadPoolExecutor(max_workers=API_THREADS, thread_name_prefix="kube")
-        self.requests = 0
         self._on_request = on_request
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        self.requests += 1
         if self._on_request is not None:
             self._on_request()
         loop = asyncio.get_running_loop()

@@ -37,15 +37,22 @@ READINESS_PERIOD_S = 5
 STARTUP_PERIOD_S = 2
 
 
-def owner_reference(g: GeneratorSpec) -> dict[str, Any]:
+def object_reference(g: GeneratorSpec) -> dict[str, Any]:
+    """The ImageGenerator as an object reference (what an Event is ``regarding``)."""
     return {
         "apiVersion": wire.API_VERSION,
         "kind": wire.KIND,
         "name": g.name,
+        "namespace": g.namespace,
         "uid": g.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
     }
+
+
+def owner_reference(g: GeneratorSpec) -> dict[str, Any]:
+    """The ImageGenerator as the controlling owner of an object in its namespace."""
+    reference = object_reference(g)
+    del reference["namespace"]  # owners are always in the object's own namespace
+    return {**reference, "controller": True, "blockOwnerDeletion": True}
 
 
 def _meta(g: GeneratorSpec, name: str, component: str, **extra: Any) -> dict[str, Any]:

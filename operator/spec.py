@@ -13,7 +13,6 @@ are the settings' own.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,7 +245,3 @@ def pod_command(pod: PodSettings) -> list[str]:
 
 def router_command(router: RouterSettings) -> list[str]:
     return ["imagefleet", "router", *settings_mod.to_arguments(router)]
-
-
-def with_replicas(spec: GeneratorSpec, replicas: int) -> GeneratorSpec:
-    return dataclasses.replace(spec, replicas=replicas)

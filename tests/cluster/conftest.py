@@ -58,7 +58,9 @@ def control_plane(
     """One control plane for the session; its directory is kept when any test failed."""
     state_dir = tmp_path_factory.mktemp("control-plane")
     request.config.stash[_PLANE_DIR] = state_dir
-    plane = ControlPlane(Settings(state_dir=state_dir, bin_dir=bin_dir))
+    # Two test sessions on one machine keep their pod IPs apart with IMAGEFLEET_TEST_FIRST_NODE.
+    first = int(os.environ.get("IMAGEFLEET_TEST_FIRST_NODE", "0"))
+    plane = ControlPlane(Settings(state_dir=state_dir, bin_dir=bin_dir, first_node_index=first))
     try:
         plane.start()
         yield plane
@@ -153,3 +155,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     kept = config.stash.get(_KEPT_DIR, None)
     if kept is not None:
         terminalreporter.write_line(f"control plane kept for inspection: {kept} (logs in {kept / 'logs'})")
+
+
+@pytest.fixture(scope="session")
+def imagegenerator_crd(tools: Tools) -> str:
+    """The repository's ImageGenerator CRD, installed once and Established; its name."""
+    crd = HERE.parents[1] / "crds" / "imagegenerator.yaml"
+    tools.kubectl("apply", "--server-side", "-f", str(crd))
+    tools.kubectl(
+        "wait", "--for=condition=Established", "crd/imagegenerators.imagefleet.dev", "--timeout=60s"
+    )
+    return "imagegenerators.imagefleet.dev"

@@ -21,8 +21,6 @@ from kubernetes.client.exceptions import ApiException
 from imagefleet.devcluster import binaries, nodes
 from imagefleet.testing.wait import until
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "imagegenerator.yaml"
 GPU = "nvidia.com/gpu"
 # The session's own nodes use indices 0..N; nodes made by single tests count down from the top.
 _node_index = itertools.count(nodes.MAX_NODES - 1, -1)
@@ -156,15 +154,6 @@ def _generator(name: str, **spec: Any) -> str:
         "spec": {"model": {"id": "tiny"}, **spec},
     }
     return json.dumps(body)
-
-
-@pytest.fixture(scope="session")
-def imagegenerator_crd(tools: Any) -> str:
-    tools.kubectl("apply", "-f", str(CRD))
-    tools.kubectl(
-        "wait", "--for=condition=Established", "crd/imagegenerators.imagefleet.dev", "--timeout=60s"
-    )
-    return "imagegenerators.imagefleet.dev"
 
 
 def test_imagegenerator_crd_is_served_and_validated(

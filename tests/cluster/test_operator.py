@@ -9,9 +9,9 @@ service-account permissions, the router's discovery and the operator's scraping 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -28,19 +28,11 @@ from imagefleet.testing.routers import call
 from imagefleet.testing.wait import until
 from tests.cluster.conftest import Tools
 
-REPO = Path(__file__).resolve().parents[2]
-
 POD_START_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def crd(tools: Tools) -> None:
-    tools.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "imagegenerator.yaml"))
-    tools.kubectl("wait", "--for=condition=Established", f"crd/{wire.CRD_NAME}", "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def operator(control_plane: ControlPlane, crd: None) -> Iterator[Parts]:
+def operator(control_plane: ControlPlane, imagegenerator_crd: str) -> Iterator[Parts]:
     settings = operator_settings(
         status_interval_s=2.0,
         scrape_timeout_s=1.0,
@@ -338,7 +330,7 @@ def test_a_spec_the_schema_cannot_check_is_reported_in_a_condition(generator: Ge
     ],
 )
 def test_invalid_specs_are_refused_naming_the_field(
-    tools: Tools, namespace: str, crd: None, spec: dict[str, Any], message: str
+    tools: Tools, namespace: str, imagegenerator_crd: str, spec: dict[str, Any], message: str
 ) -> None:
     body = {
         "apiVersion": wire.API_VERSION,
@@ -403,10 +395,8 @@ def test_autoscaling_follows_queued_work_up_and_back_down(generator: Generator) 
     )
     generator.wait_serving(1)
     url = generator.router_url()
-    held = [Traffic(url, steps=8) for _ in range(4)]  # a queue: more work than one pod clears at once
-    for t in held:
-        t.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:  # a queue: more work than one pod clears at once
+        held = [stack.enter_context(Traffic(url, steps=8)) for _ in range(4)]
         until(
             lambda: generator.get()["spec"]["replicas"] >= 2,
             timeout=90,
@@ -414,9 +404,6 @@ def test_autoscaling_follows_queued_work_up_and_back_down(generator: Generator) 
             describe=generator.describe,
         )
         assert generator.status().get("desiredReplicas", 0) >= 2
-    finally:
-        for t in held:
-            t.__exit__()
     assert all(not t.failures for t in held), [t.failures for t in held]
     until(
         lambda: generator.get()["spec"]["replicas"] == 1, timeout=120, what="the scale-down after the delay"

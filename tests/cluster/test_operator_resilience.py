@@ -21,7 +21,7 @@ from imagefleet import wire
 from imagefleet.devcluster.controlplane import ControlPlane
 from imagefleet.testing.wait import until
 from tests.cluster.conftest import Tools
-from tests.cluster.test_operator import REPO, Generator, Traffic
+from tests.cluster.test_operator import Generator, Traffic
 
 START_S = 120.0
 
@@ -74,14 +74,8 @@ def processes() -> Iterator[list[OperatorProcess]]:
         p.stop()
 
 
-@pytest.fixture(scope="module")
-def crd(tools: Tools) -> None:
-    tools.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "imagegenerator.yaml"))
-    tools.kubectl("wait", "--for=condition=Established", f"crd/{wire.CRD_NAME}", "--timeout=60s")
-
-
 @pytest.fixture
-def generator(tools: Tools, api_client: Any, namespace: str, crd: None) -> Generator:
+def generator(tools: Tools, api_client: Any, namespace: str, imagegenerator_crd: str) -> Generator:
     return Generator(tools, api_client, namespace)
 
 
