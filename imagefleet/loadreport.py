@@ -14,6 +14,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+PRIOR_UNIT_SECONDS = 1.0
+"""Seconds of GPU time per work unit assumed before anything has been measured: conservative on
+purpose (a Flux-class model on an A100 takes about 0.5, SD3.5-Medium on an H100 about 0.08), so
+that a pod that has timed nothing yet over-, not under-estimates the work it admits."""
+
 
 def work_units(n: int, width: int, height: int, steps: int, strength: float | None = None) -> float:
     """Units of work of ``n`` images at ``width`` x ``height`` with ``steps`` denoising steps.

@@ -104,6 +104,15 @@ class PodSettings:
     max_queued_images: int = setting(
         64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000
     )
+    max_queued_gpu_seconds: float = setting(
+        480.0,
+        "estimated GPU-seconds of queued work beyond which new requests get 429 (at least "
+        "max_request_gpu_seconds; below the router's request timeout)",
+        minimum=1,
+    )
+    max_request_gpu_seconds: float = setting(
+        300.0, "estimated GPU-seconds beyond which a single request gets 400", minimum=1
+    )
     max_images_per_request: int = setting(10, "largest `n` a request may ask for", minimum=1, maximum=128)
     max_pixels: int = setting(
         2048 * 2048, "largest width*height a request may ask for", minimum=64 * 64, maximum=8192 * 8192
@@ -158,6 +167,11 @@ class PodSettings:
             raise SettingsError(
                 f"--max-queued-images ({self.max_queued_images}) must be at least "
                 f"--max-images-per-request ({self.max_images_per_request})"
+            )
+        if self.max_request_gpu_seconds > self.max_queued_gpu_seconds:
+            raise SettingsError(
+                f"--max-request-gpu-seconds ({self.max_request_gpu_seconds}) must not exceed "
+                f"--max-queued-gpu-seconds ({self.max_queued_gpu_seconds}) (one request must fit in a queue)"
             )
         if self.max_batch_size > self.max_queued_images:
             raise SettingsError(

@@ -6,7 +6,10 @@ Pure and synchronous; :class:`~.batchstate.BatchState` owns one :class:`Queue` a
 * a request for ``n`` images is ``n`` samples; samples batch together when their
   :class:`CompatKey` matches (the pipeline task and every request field marked ``key`` in
   :data:`imagefleet.schema.FIELDS`); prompt, negative prompt and seed may differ inside a batch;
-* the next batch is the oldest sample's group, up to ``max_batch_size`` samples, FIFO within it;
+* each key has its own FIFO; the next batch comes from the key :class:`Queue` chooses by fair
+  queueing on estimated GPU-seconds (so large shapes cannot starve small ones), oldest first
+  within it, up to ``max_batch_size`` samples or the smaller cap :func:`curve_cap` reads from the
+  measured cost curve;
 * its size and any wait come from :func:`plan`: with the GPU busy most of the time (sustained
   load) batches are as large as allowed, since that maximises throughput; under light load a
   batch is formed only where it lowers the mean completion time of the queued samples, and a
@@ -15,6 +18,7 @@ Pure and synchronous; :class:`~.batchstate.BatchState` owns one :class:`Queue` a
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +32,8 @@ from imagefleet.loadreport import work_units
 SATURATION = 0.9
 # Waiting for a batch to fill must promise at least this much more throughput per sample.
 MIN_WAIT_GAIN = 0.10
+# Batches are capped where the next larger sizes buy less than this much time per image.
+CAP_GAIN = 0.03
 # While waiting, a batch is closed once no sample arrived for this long (at most), or for this
 # fraction of the batch's own time, whichever is shorter.
 MAX_ARRIVAL_GAP_S = 0.05
@@ -109,53 +115,125 @@ class Plan:
 
 
 class Queue:
-    """FIFO of samples, drawn as batches of one compatibility key at a time."""
+    """Queued samples: one FIFO per compatibility key, and the fair choice between the keys.
+
+    Keys share the GPU by start-time fair queueing on estimated GPU-seconds (the sorted form of
+    deficit round robin weighted by cost): every batch a key runs is *charged* to it at its
+    estimated time, and the next batch comes from the waiting key charged least, ties going to
+    the key with the oldest waiting sample (so with one key, or equal charges, it is plain FIFO).
+    A key that starts waiting is lifted to the charge the latest batch started from (the
+    *virtual time*): idle time banks no credit, and a key that just ran a large batch keeps its
+    debt. So a stream of 2048x2048 requests cannot starve 512x512 ones: while both wait, each
+    gets about half of the GPU time, and a small sample that arrives behind a flood of large ones
+    waits for the batch already running and at most about one batch of each other waiting key
+    (plus the batches of its own key ahead of it). Within a key, samples run oldest first.
+    """
 
     def __init__(self) -> None:
-        self._samples: deque[Sample] = deque()
+        self._fifos: dict[CompatKey, deque[Sample]] = {}
+        self._charged: dict[CompatKey, float] = {}
+        self._virtual = 0.0
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return self._count
 
     def __iter__(self) -> Iterator[Sample]:
-        return iter(self._samples)
+        """Every queued sample, oldest first."""
+        return heapq.merge(*self._fifos.values(), key=lambda s: (s.enqueued_at, s.id))
 
     def add(self, samples: Iterable[Sample]) -> None:
-        self._samples.extend(samples)
+        for sample in samples:
+            fifo = self._fifos.get(sample.key)
+            if fifo is None:
+                self._activate(sample.key)
+                fifo = self._fifos[sample.key] = deque()
+            fifo.append(sample)
+            self._count += 1
+
+    def _activate(self, key: CompatKey) -> None:
+        """``key`` starts waiting: lift its charge to the virtual time."""
+        if not self._fifos:  # nobody waits: start afresh
+            self._charged.clear()
+            self._virtual = 0.0
+        self._charged[key] = max(self._charged.get(key, 0.0), self._virtual)
 
     def remove(self, predicate: Callable[[Sample], bool]) -> list[Sample]:
         """Drop (and return) every queued sample for which ``predicate`` is true."""
-        kept: deque[Sample] = deque()
         dropped: list[Sample] = []
-        for sample in self._samples:
-            (dropped if predicate(sample) else kept).append(sample)
-        self._samples = kept
+        for key, fifo in list(self._fifos.items()):
+            kept: deque[Sample] = deque()
+            for sample in fifo:
+                (dropped if predicate(sample) else kept).append(sample)
+            if kept:
+                self._fifos[key] = kept
+            else:
+                del self._fifos[key]
+        self._count -= len(dropped)
         return dropped
 
-    def oldest_group(self, limit: int) -> list[Sample]:
-        """The oldest sample and the next samples of its key, in order, up to ``limit``."""
-        if not self._samples:
-            return []
-        key = self._samples[0].key
-        return list(itertools.islice((s for s in self._samples if s.key == key), limit))
+    def next_key(self) -> CompatKey | None:
+        """The key whose batch runs next: least charged, then oldest waiting sample."""
+        if not self._fifos:
+            return None
+        return min(
+            self._fifos, key=lambda k: (self._charged[k], self._fifos[k][0].enqueued_at, self._fifos[k][0].id)
+        )
+
+    def head(self, key: CompatKey, limit: int) -> list[Sample]:
+        """The oldest ``limit`` samples of ``key``, in order."""
+        return list(itertools.islice(self._fifos.get(key, ()), limit))
 
     def group_count(self, key: CompatKey) -> int:
-        return sum(1 for s in self._samples if s.key == key)
+        return len(self._fifos.get(key, ()))
 
     def has_other_keys(self, key: CompatKey) -> bool:
-        return any(s.key != key for s in self._samples)
+        return any(k != key for k in self._fifos)
 
-    def take(self, batch: list[Sample]) -> None:
-        """Remove the samples of ``batch`` (as returned by :meth:`oldest_group`) from the queue."""
-        ids = {s.id for s in batch}
-        self._samples = deque(s for s in self._samples if s.id not in ids)
+    def take(self, key: CompatKey, size: int, cost: float) -> list[Sample]:
+        """Remove the oldest ``size`` samples of ``key`` as a batch and charge ``key`` its ``cost``
+        (estimated GPU-seconds)."""
+        fifo = self._fifos.get(key)
+        if not fifo:
+            return []
+        batch = [fifo.popleft() for _ in range(min(size, len(fifo)))]
+        self._count -= len(batch)
+        start = self._charged.get(key, 0.0)
+        self._virtual = max(self._virtual, start)
+        self._charged[key] = start + max(cost, 0.0)
+        if not fifo:
+            del self._fifos[key]
+        # A key not waiting whose charge is at or below the virtual time would be lifted to it
+        # anyway when it comes back: forget it (the virtual time never falls while keys wait).
+        for k in [k for k, c in self._charged.items() if k not in self._fifos and c <= self._virtual]:
+            del self._charged[k]
+        return batch
 
     def groups(self) -> dict[CompatKey, int]:
         """Queued samples per key."""
-        counts: dict[CompatKey, int] = {}
-        for s in self._samples:
-            counts[s.key] = counts.get(s.key, 0) + 1
-        return counts
+        return {key: len(fifo) for key, fifo in self._fifos.items()}
+
+    def charged(self, key: CompatKey) -> float:
+        """The GPU-seconds ``key`` has been charged (relative: only differences between keys count)."""
+        return self._charged.get(key, 0.0)
+
+
+def curve_cap(max_batch: int, batch_seconds: Callable[[int], float | None]) -> int:
+    """The batch size beyond which the cost curve says larger batches no longer pay.
+
+    The smallest batch whose time per image is within :data:`CAP_GAIN` of the best time per
+    image at any size up to ``max_batch``; ``max_batch`` while the curve is unknown. Larger
+    batches than that would buy at most that much throughput, and every image in them would
+    wait for the whole batch.
+    """
+    per_image: dict[int, float] = {}
+    for b in range(1, max_batch + 1):
+        t = batch_seconds(b)
+        if t is None:
+            return max_batch
+        per_image[b] = t / b
+    best = min(per_image.values())
+    return min(b for b, p in per_image.items() if p <= best * (1 + CAP_GAIN))
 
 
 def plan(

@@ -55,14 +55,12 @@ class BatchState:
         self,
         *,
         max_batch_size: int,
-        max_queued_images: int,
         max_wait_s: float,
         fill: bool,
         costs: CostModel,
         arrivals: ArrivalMeter | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
-        self.max_queued_images = max_queued_images
         self.max_wait_s = max_wait_s
         self.fill = fill
         self.costs = costs
@@ -72,13 +70,10 @@ class BatchState:
         self.running: list[Sample] | None = None
         self._last_arrival = 0.0
 
-    # --- admission and removal ---
-
-    def has_room(self, samples: int) -> bool:
-        return len(self.queue) + samples <= self.max_queued_images
+    # --- arrival and removal ---
 
     def add(self, job: Job, now: float) -> None:
-        """Queue ``job``'s samples (the caller checked :meth:`has_room`)."""
+        """Queue ``job``'s samples (admission is the caller's: :mod:`.admission`)."""
         self.jobs[job.id] = job
         self.queue.add(job.samples)
         self.arrivals.record(now, job.key, len(job.samples), self.costs.seconds(job.key, 1))
@@ -109,14 +104,14 @@ class BatchState:
 
     def next(self, now: float, busy_fraction: float) -> Take | Wait | None:
         """The next batch to run, a wait, or None when nothing is queued."""
-        group = self.queue.oldest_group(self.max_batch_size)
-        if not group:
+        key = self.queue.next_key()
+        if key is None:
             return None
-        key = group[0].key
+        oldest = self.queue.head(key, 1)[0]
         decision = batching.plan(
             queued=self.queue.group_count(key),
-            max_batch=self.costs.max_batch(key, self.max_batch_size),
-            oldest_age_s=now - group[0].enqueued_at,
+            max_batch=self.batch_cap(key),
+            oldest_age_s=now - oldest.enqueued_at,
             since_last_arrival_s=now - self._last_arrival,
             max_wait_s=self.max_wait_s,
             other_keys_waiting=self.queue.has_other_keys(key),
@@ -127,10 +122,19 @@ class BatchState:
         )
         if decision.wait_s > 0:
             return Wait(decision.wait_s)
-        batch = group[: decision.size]
-        self.queue.take(batch)
+        batch = self.queue.take(key, decision.size, self.costs.estimate(key, decision.size))
         self.running = batch
         return Take(batch)
+
+    def batch_cap(self, key: CompatKey) -> int:
+        """The largest batch of ``key`` to form: ``max_batch_size``, lowered after out-of-memory
+        and, under the ``auto`` policy, to where the measured cost curve stops paying
+        (:func:`~.batching.curve_cap`; the configured size while the curve is still unknown, so
+        that it is learned online)."""
+        allowed = self.costs.max_batch(key, self.max_batch_size)
+        if self.fill or not self.costs.has_curve(key):
+            return allowed
+        return batching.curve_cap(allowed, functools.partial(self.costs.seconds, key))
 
     def finish(self) -> None:
         """The running batch is over (whatever its outcome)."""

@@ -6,7 +6,9 @@ with the work of one sample (steps x megapixels). So:
 
 * a key seen at two or more batch sizes gets its own affine fit;
 * a key seen at one size borrows the shape (a/c) learned across all keys;
-* an unseen key is priced from the per-unit fit across all keys.
+* an unseen key is priced from the per-unit fit across all keys;
+* before any batch has run, :meth:`CostModel.estimate` prices work with the conservative prior
+  :data:`imagefleet.loadreport.PRIOR_UNIT_SECONDS` (per unit, no batching gain assumed).
 
 Observations are smoothed per (key, size) with an exponential moving average, so the model
 follows a GPU that warms up, throttles or is shared.
@@ -19,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from imagefleet.inference_pod.batching import CompatKey
+from imagefleet.loadreport import PRIOR_UNIT_SECONDS
 
 EWMA_ALPHA = 0.3
 RATE_WINDOW_S = 30.0
@@ -95,6 +98,17 @@ class CostModel:
             c = t0 / (ratio + b0)
             return ratio * c + c * size
         return shape.at(size) * key.units_per_sample
+
+    def estimate(self, key: CompatKey, size: int) -> float:
+        """:meth:`seconds`, or the conservative prior while nothing at all has been measured."""
+        seconds = self.seconds(key, size)
+        return PRIOR_UNIT_SECONDS * key.units_per_sample * size if seconds is None else seconds
+
+    def has_curve(self, key: CompatKey) -> bool:
+        """Whether the batch curve of ``key`` is known (its own at two sizes or more, or the
+        shape learned across all keys), so that batch sizes can be chosen from it."""
+        own = self._times.get(key, {})
+        return len(own) >= 2 or self._unit_fit() is not None
 
     def unit_seconds(self, batch: int) -> float:
         """Seconds per work unit per sample at batch size ``batch`` (0 while unknown)."""

@@ -2,7 +2,8 @@
 
 A facade over the parts, each with one job:
 
-* :mod:`.batchstate` -- queue, jobs and the choice of the next batch (synchronous, clockless);
+* :mod:`.admission` -- whether a request is taken, by its estimated GPU time and the queue's;
+* :mod:`.batchstate` -- queues, jobs and the choice of the next batch (synchronous, clockless);
 * :mod:`.batchloop` -- the one task that owns the state and runs batches on the GPU thread;
 * :mod:`.delivery` -- encoding on the CPU pool and settling each request's future;
 * :mod:`.health` -- consecutive failures and quarantine;
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagefleet import metrics as m
-from imagefleet.errors import Overloaded, Unavailable
+from imagefleet.errors import Unavailable
+from imagefleet.inference_pod import admission
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.batchloop import BatchLoop, learn
 from imagefleet.inference_pod.batchstate import BatchState, Job
@@ -78,6 +80,8 @@ class Scheduler:
         counters: PodCounters,
         max_batch_size: int,
         max_queued_images: int,
+        max_request_gpu_seconds: float,
+        max_queued_gpu_seconds: float,
         max_wait_s: float,
         fill: bool,
         quarantine_after: int,
@@ -88,10 +92,14 @@ class Scheduler:
         self._costs = CostModel()
         self._state = BatchState(
             max_batch_size=max_batch_size,
-            max_queued_images=max_queued_images,
             max_wait_s=max_wait_s,
             fill=fill,
             costs=self._costs,
+        )
+        self._bounds = admission.Bounds(
+            max_request_gpu_seconds=max_request_gpu_seconds,
+            max_queued_gpu_seconds=max_queued_gpu_seconds,
+            max_queued_images=max_queued_images,
         )
         self._health = PodHealth(quarantine_after)
         self._delivery = Delivery(cpu, counters, forget=self._state.remove)
@@ -126,6 +134,8 @@ class Scheduler:
             counters=counters,
             max_batch_size=settings.max_batch_size,
             max_queued_images=settings.max_queued_images,
+            max_request_gpu_seconds=settings.max_request_gpu_seconds,
+            max_queued_gpu_seconds=settings.max_queued_gpu_seconds,
             max_wait_s=settings.max_wait_ms / 1000,
             fill=settings.batch_policy == "fill",
             quarantine_after=settings.quarantine_after,
@@ -164,22 +174,32 @@ class Scheduler:
         self, request: ImageRequest, *, pipeline: str = "generate", image: Any = None, mask: Any = None
     ) -> Ticket:
         """Queue a request whose defaults are resolved, for ``pipeline`` (generate, img2img,
-        inpaint). Raises Unavailable (draining, quarantined) or Overloaded (queue full)."""
+        inpaint). Raises Unavailable (draining, quarantined), InvalidRequest (more GPU time than
+        one request may take) or Overloaded (the queue is full, in images or in GPU time)."""
         error = refusal(self.phase())
         if error is not None:
             raise error
         if missing := request.unresolved():
             raise ValueError(f"resolve the request's defaults first: {', '.join(missing)}")
-        if not self._state.has_room(request.n):
-            wait = self._estimator.expected_wait_seconds(self._clock())
-            raise Overloaded(
-                f"The queue is full ({self._state.queued_samples} images waiting); retry in about "
-                f"{wait:.0f} s.",
-                retry_after=max(1.0, wait),
-            )
         assert request.seed is not None
         key = CompatKey.of(pipeline, **dict(request.key_values()))
         now = self._clock()
+        load = admission.Load(
+            queued_samples=self._state.queued_samples,
+            queued_seconds=self._estimator.queued_seconds(),
+            running_remaining_seconds=self._estimator.running_remaining_seconds(now),
+        )
+        images = f"{request.n} image{'s' if request.n > 1 else ''}"
+        refused = admission.check(
+            self._bounds,
+            load,
+            n=request.n,
+            cost=self._estimator.request_seconds(key, request.n),
+            what=f"{images} of {key.width}x{key.height} at {key.steps} steps",
+            measured=self._costs.known,
+        )
+        if refused is not None:
+            raise refused
         job_id = uuid.uuid4().hex
         samples = [
             Sample(

@@ -1,7 +1,8 @@
 """The start-up warm-up: run small batches once before the pod reports ready.
 
-First requests then do not pay for lazy initialisation, and batch sizes 1 and max are timed so
-the batcher knows from the start what batching buys. It runs the batches itself on the GPU
+First requests then do not pay for lazy initialisation, and batch sizes 1, half of max (from 4)
+and max are timed at the model's default shape, so the batcher knows from the start what batching
+buys (the batch cap and whether waiting pays) and admission prices work by measured costs. It runs the batches itself on the GPU
 thread, outside the queue, and hands what they measured to the scheduler.
 """
 
@@ -34,7 +35,8 @@ async def warm_up(
 ) -> None:
     loop = asyncio.get_running_loop()
     key = warmup_key(defaults)
-    sizes = [1, 1] + ([max_batch_size] if max_batch_size > 1 else [])
+    sizes = [1, 1] + ([max_batch_size // 2] if max_batch_size >= 4 else [])
+    sizes += [max_batch_size] if max_batch_size > 1 else []
     started = time.monotonic()
     for i, size in enumerate(sizes):
         samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(size)]

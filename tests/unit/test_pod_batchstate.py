@@ -22,12 +22,9 @@ def job(key: CompatKey, n: int = 1, now: float = 0.0) -> Job:
     return Job(job_id, key, samples, now)
 
 
-def state(
-    max_batch: int = 4, queued: int = 16, costs: CostModel | None = None, fill: bool = True
-) -> BatchState:
+def state(max_batch: int = 4, costs: CostModel | None = None, fill: bool = True) -> BatchState:
     return BatchState(
         max_batch_size=max_batch,
-        max_queued_images=queued,
         max_wait_s=0.5,
         fill=fill,
         costs=costs or CostModel(),
@@ -38,7 +35,7 @@ def test_nothing_queued_means_nothing_to_run() -> None:
     assert state().next(now=0.0, busy_fraction=0.0) is None
 
 
-def test_the_oldest_key_runs_first_fifo_within_it_up_to_the_limit() -> None:
+def test_equal_keys_go_oldest_first_fifo_within_a_key_up_to_the_limit() -> None:
     s = state(max_batch=3)
     jobs = [job(B), job(A, 2), job(B), job(A, 2)]
     for j in jobs:
@@ -56,12 +53,6 @@ def test_the_oldest_key_runs_first_fifo_within_it_up_to_the_limit() -> None:
         (jobs[3].id, 0),
     ]
     assert s.queued_samples == 1 and s.queued_requests == 1
-
-
-def test_admission_counts_samples_against_the_bound() -> None:
-    s = state(queued=3)
-    s.add(job(A, 2), now=0.0)
-    assert s.has_room(1) and not s.has_room(2)
 
 
 def test_light_load_runs_one_at_a_time_where_batching_buys_little() -> None:
@@ -93,6 +84,58 @@ def test_an_out_of_memory_cap_limits_the_batch() -> None:
     s.add(job(A, 4), now=0.0)
     decision = s.next(now=0.0, busy_fraction=0.0)
     assert isinstance(decision, Take) and len(decision.samples) == 2
+
+
+def test_the_batch_is_capped_where_the_measured_curve_stops_paying() -> None:
+    costs = CostModel()
+    costs.observe(A, 1, 1.0)
+    costs.observe(A, 8, 7.0)  # t(b) = 1/7*(6 + b): per image 1.0 alone, 0.875 at 8, 0.9 at 4
+    s = state(max_batch=8, costs=costs, fill=False)
+    s.add(job(A, 8), now=0.0)
+    decision = s.next(now=0.0, busy_fraction=1.0)
+    assert isinstance(decision, Take) and len(decision.samples) == s.batch_cap(A) == 4
+    assert state(max_batch=8, costs=costs, fill=True).batch_cap(A) == 8  # fill: as many as allowed
+
+
+def test_an_unmeasured_curve_does_not_cap_so_it_can_be_learned() -> None:
+    costs = CostModel()
+    costs.observe(A, 1, 1.0)  # one size: the curve is not known yet
+    s = state(max_batch=8, costs=costs, fill=False)
+    assert s.batch_cap(A) == 8
+    costs.observe(A, 8, 8.0)  # linear: batching buys nothing
+    assert s.batch_cap(A) == 1 and s.batch_cap(B) == 1  # B borrows the shape learned on A
+
+
+def test_a_flood_of_large_requests_does_not_starve_a_trickle_of_small_ones() -> None:
+    """Fake clock and costs: 50 requests of 4 large images (a 36 s batch each, 30 minutes of work)
+    queued at once, then a small request every 7 s. Each small one waits at most for the large
+    batch already running, never behind the flood; the flood still gets the GPU in between."""
+    big = CompatKey.of("generate", size=(2048, 2048), steps=150, guidance=5.0)
+    small = CompatKey.of("generate", size=(512, 512), steps=4, guidance=5.0)
+    costs = CostModel()
+    for key, one, four in ((big, 10.0, 36.0), (small, 0.5, 1.4)):
+        costs.observe(key, 1, one)
+        costs.observe(key, 4, four)
+    s = state(max_batch=4, costs=costs, fill=True)
+    for _ in range(50):
+        s.add(job(big, 4), now=0.0)
+    now, next_small, small_waits, big_batches = 0.0, 1.0, [], 0
+    while now < 900:
+        while next_small <= now:
+            s.add(job(small, 1, now=next_small), now=next_small)
+            next_small += 7.0
+        decision = s.next(now=now, busy_fraction=1.0)
+        assert isinstance(decision, Take)
+        batch = decision.samples
+        key = batch[0].key
+        if key == small:
+            small_waits += [now - x.enqueued_at for x in batch]
+        else:
+            big_batches += 1
+        now += costs.seconds(key, len(batch)) or 0.0
+        s.finish()
+    assert len(small_waits) > 100 and max(small_waits) <= 36.0
+    assert big_batches >= 20  # about 96% of the GPU time: the small ones use little of it
 
 
 def test_cancelling_drops_queued_samples_and_says_when_the_running_batch_is_orphaned() -> None:
@@ -141,7 +184,7 @@ ops = st.lists(
 def test_every_sample_runs_at_most_once_in_batches_of_one_key_oldest_first(
     operations: list[tuple[str, int, int]], max_batch: int
 ) -> None:
-    s = state(max_batch=max_batch, queued=1000)
+    s = state(max_batch=max_batch)
     added: list[Job] = []
     cancelled: set[str] = set()
     ran: list[Sample] = []
@@ -153,15 +196,15 @@ def test_every_sample_runs_at_most_once_in_batches_of_one_key_oldest_first(
             if s.cancel(added[a].id) is not None:
                 cancelled.add(added[a].id)
         elif op == "run":
-            oldest = next(iter(s.queue), None)
+            heads = {key: s.queue.head(key, 1)[0] for key in s.queue.groups()}
             decision = s.next(now=0.0, busy_fraction=0.0)
-            if oldest is None:
+            if not heads:
                 assert decision is None
                 continue
             assert isinstance(decision, Take)
             batch = decision.samples
             assert 1 <= len(batch) <= max_batch
-            assert batch[0] is oldest and all(x.key == oldest.key for x in batch)
+            assert batch[0] is heads[batch[0].key] and all(x.key == batch[0].key for x in batch)
             assert not {x.job_id for x in batch} & cancelled
             ran.extend(batch)
             s.finish()
@@ -175,3 +218,34 @@ def test_every_sample_runs_at_most_once_in_batches_of_one_key_oldest_first(
             (added.index(next(j for j in added if j.id == x.job_id)), x.index) for x in ran if x.key == key
         ]
         assert order == sorted(order)
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.01, 50.0), st.floats(0.0, 1.0), st.integers(1, 12)), min_size=2, max_size=3
+    ),
+    st.integers(1, 4),
+)
+def test_keys_that_keep_waiting_get_equal_gpu_time_within_one_batch_each(
+    shapes: list[tuple[float, float, int]], max_batch: int
+) -> None:
+    """Fair queueing's bound: over any stretch in which two keys both wait throughout, the GPU
+    time each was served differs by at most one batch of each (whatever the batch costs)."""
+    costs = CostModel()
+    for key, (per_sample, overhead, _) in zip(KEYS, shapes, strict=False):
+        costs.observe(key, 1, overhead + per_sample)
+        costs.observe(key, 4, overhead + 4 * per_sample)
+    s = state(max_batch=max_batch, costs=costs)
+    for key, (_, _, jobs) in zip(KEYS, shapes, strict=False):
+        for _ in range(jobs):
+            s.add(job(key, 2), now=0.0)
+    served = {key: 0.0 for key in s.queue.groups()}
+    largest = {key: costs.seconds(key, max_batch) or 0.0 for key in served}
+    while (decision := s.next(now=0.0, busy_fraction=1.0)) is not None:
+        assert isinstance(decision, Take)
+        key = decision.samples[0].key
+        served[key] += costs.seconds(key, len(decision.samples)) or 0.0
+        s.finish()
+        waiting = s.queue.groups()
+        for i, j in itertools.combinations([k for k in served if k in waiting], 2):
+            assert abs(served[i] - served[j]) <= largest[i] + largest[j] + 1e-9

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imagefleet import metrics as m
-from imagefleet.errors import GenerationFailed, Overloaded, Unavailable
+from imagefleet.errors import GenerationFailed, InvalidRequest, Overloaded, Unavailable
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.counters import PodCounters
 from imagefleet.inference_pod.delivery import Ticket
@@ -87,6 +87,8 @@ def scheduler(
     params: dict[str, Any] = {
         "max_batch_size": 4,
         "max_queued_images": 32,
+        "max_request_gpu_seconds": 1000.0,
+        "max_queued_gpu_seconds": 10000.0,
         "max_wait_s": 0.0,
         "fill": True,
         "quarantine_after": 3,
@@ -135,6 +137,62 @@ def test_a_full_queue_answers_429_with_the_expected_wait() -> None:
             s.submit(request(10, n=2))
         assert info.value.status == 429 and int(info.value.headers["Retry-After"]) >= 1
         s.submit(request(20, n=1))  # what fits is still accepted
+
+    run(scenario)
+
+
+def test_a_request_over_the_gpu_time_ceiling_gets_400_saying_why_and_the_ceiling() -> None:
+    async def scenario() -> None:
+        s = scheduler(FakeGPU(), max_request_gpu_seconds=100.0)
+        big = request(0, n=4, size="1024x1024", num_inference_steps=50)  # 210 units
+        with pytest.raises(InvalidRequest) as info:
+            s.submit(big)  # nothing timed yet: the prior (1 s per unit) prices it at 210 s
+        error = info.value
+        assert error.status == 400 and error.code == "request_too_expensive"
+        assert "210 s" in error.message and "at most 100 s" in error.message
+        assert "4 images of 1024x1024 at 50 steps" in error.message and "before any batch" in error.message
+        k = CompatKey.of("generate", **dict(big.key_values()))
+        s.learn(k, Outcome(results=[], timings=[(1, 2.0), (4, 6.0)]))  # measured: 6 s for the four
+        assert s.submit(big).id and s.snapshot().queued_samples == 4
+
+    run(scenario)
+
+
+def test_queued_gpu_time_is_bounded_with_429_and_retry_after_the_time_until_it_fits() -> None:
+    async def scenario() -> None:
+        s = scheduler(FakeGPU(), max_request_gpu_seconds=300.0, max_queued_gpu_seconds=300.0)
+        one = {"size": "1024x1024", "num_inference_steps": 50}  # 52.4 units: 52.4 s by the prior
+        for seed in range(5):
+            s.submit(request(seed * 10, **one))
+        with pytest.raises(Overloaded) as info:
+            s.submit(request(50, **one))  # 262 + 52 > 300
+        error = info.value
+        assert error.status == 429 and error.code == "queue_full"
+        assert error.headers["Retry-After"] == "15"  # 262 + 52.4 - 300 s must drain first
+        assert "262 s of GPU work" in error.message and "bound of 300 s" in error.message
+        s.submit(request(60, size="64x64"))  # small work still fits (0.016 s)
+        assert s.snapshot().queued_samples == 6
+
+    run(scenario)
+
+
+def test_large_shapes_queued_first_do_not_hold_up_a_small_one() -> None:
+    async def scenario() -> None:
+        gpu, executor = FakeGPU(), ManualExecutor()
+        s = scheduler(gpu, executor=executor, max_batch_size=1)
+        large = [s.submit(request(i * 10, size="96x64", n=2)) for i in range(4)]
+        s.start()
+        await ticks()
+        small = s.submit(request(100, size="64x64"))
+        for _ in range(3):
+            executor.run_next()
+            await ticks()
+        assert small.future.done() and seeds(small.future.result()) == [100]
+        assert [b[0].seed for b in gpu.batches] == [0, 100, 1]  # after the running batch, not the flood
+        while not all(t.done for t in large):
+            executor.run_next()
+            await ticks()
+        await s.stop()
 
     run(scenario)
 
@@ -370,6 +428,66 @@ def test_no_sample_is_lost_or_duplicated_and_each_result_reaches_its_request(
                 assert isinstance(outcome, list) and seeds(outcome) == [i * 10 + k for k in range(n)]
                 assert sorted(x.seed for x in own) == [i * 10 + k for k in range(n)]  # every sample ran once
         assert s.snapshot().queued_samples == 0
+        await s.stop()
+
+    run(scenario)
+
+
+events = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.integers(1, 3), st.sampled_from(SIZES)),
+        st.tuples(st.just("cancel"), st.integers(0, 20), st.just("")),
+        st.tuples(st.just("gpu"), st.just(0), st.just("")),  # the running batch finishes
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events, st.integers(1, 4), st.booleans())
+def test_under_random_arrivals_and_cancellations_nothing_is_lost_duplicated_or_leaked(
+    script: list[tuple[str, int, str]], max_batch: int, fill: bool
+) -> None:
+    """Requests arrive, leave (queued or running) and batches finish in any order: each sample runs
+    at most once, every request that stayed gets exactly its own images, and once everything is
+    settled nothing is left queued, running or counted twice."""
+
+    async def scenario() -> None:
+        gpu, executor, counters = FakeGPU(), ManualExecutor(), PodCounters()
+        s = scheduler(gpu, executor=executor, counters=counters, max_batch_size=max_batch, fill=fill)
+        s.start()
+        tickets: list[Ticket] = []
+        cancelled: set[int] = set()
+        for op, a, size in script:
+            if op == "submit":
+                tickets.append(s.submit(request(len(tickets) * 10, n=a, size=size)))
+            elif op == "cancel" and a < len(tickets) and not tickets[a].done:
+                s.cancel(tickets[a])
+                cancelled.add(a)
+            elif op == "gpu" and executor.calls:
+                executor.run_next()
+            await ticks()
+        while executor.calls or not all(t.done for t in tickets):
+            assert executor.calls, "a request is open but nothing runs"
+            executor.run_next()
+            await ticks()
+        ran = [x for batch in gpu.batches for x in batch]
+        assert len({x.id for x in ran}) == len(ran)  # no sample twice
+        assert all(len(b) <= max_batch and len({x.key for x in b}) == 1 for b in gpu.batches)
+        total = 0
+        for i, ticket in enumerate(tickets):
+            n = ticket.request.n
+            total += n
+            outcome = await settle(ticket)
+            if i in cancelled:
+                assert isinstance(outcome, asyncio.CancelledError)
+            else:
+                assert isinstance(outcome, list) and seeds(outcome) == [i * 10 + k for k in range(n)]
+        snap = s.snapshot()
+        assert (snap.queued_samples, snap.queued_requests, snap.running_samples) == (0, 0, 0)
+        images = counters.images
+        assert images[m.OUTCOME_COMPLETED] + images[m.OUTCOME_CANCELLED] == total  # each counted once
         await s.stop()
 
     run(scenario)

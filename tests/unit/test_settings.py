@@ -119,6 +119,11 @@ def test_router_shutdown_must_end_before_it_is_killed() -> None:
         ({"default_size": "1024"}, "expected WIDTHxHEIGHT"),
         ({"default_size": "8192x8192"}, "exceeds --max-pixels"),
         ({"max_batch_size": 16, "max_queued_images": 10}, "must not exceed --max-queued-images"),
+        (
+            {"max_request_gpu_seconds": 600.0, "max_queued_gpu_seconds": 500.0},
+            "--max-request-gpu-seconds (600.0) must not exceed --max-queued-gpu-seconds (500.0)",
+        ),
+        ({"max_queued_gpu_seconds": 0.5}, "--max-queued-gpu-seconds"),
     ],
 )
 def test_bounds_and_relations_are_checked(overrides: dict[str, object], message: str) -> None:
