@@ -208,7 +208,10 @@ def measure_service(
 ) -> dict[str, Any]:
     """Start a pod with max batch ``batch``, drive it, stop it; the window's figures."""
     started = time.monotonic()
-    with common.pod(cfg.model, ["--max-batch-size", str(batch), *pod_args], pod_timeout) as pod:
+    # `fill`: batches of exactly `batch`, the size compared with bare diffusers (the auto policy
+    # may cap a shape's batches below the maximum where its cost curve flattens).
+    flags = ["--max-batch-size", str(batch), "--batch-policy", "fill", *pod_args]
+    with common.pod(cfg.model, flags, pod_timeout) as pod:
         ready_s = time.monotonic() - started
         result = asyncio.run(drive(pod.url, batch, clients, cfg))
     return {

@@ -105,13 +105,16 @@ class PodSettings:
         64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000
     )
     max_queued_gpu_seconds: float = setting(
-        480.0,
+        1200.0,
         "estimated GPU-seconds of queued work beyond which new requests get 429 (at least "
-        "max_request_gpu_seconds; below the router's request timeout)",
+        "max_request_gpu_seconds)",
         minimum=1,
     )
     max_request_gpu_seconds: float = setting(
-        300.0, "estimated GPU-seconds beyond which a single request gets 400", minimum=1
+        600.0,
+        "estimated GPU-seconds beyond which a single request gets 400 (default: the router's "
+        "request timeout, which such a request could not finish within)",
+        minimum=1,
     )
     max_images_per_request: int = setting(10, "largest `n` a request may ask for", minimum=1, maximum=128)
     max_pixels: int = setting(

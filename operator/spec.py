@@ -29,6 +29,7 @@ POD_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("batching", "maxBatchSize"), "max_batch_size"),
     (("batching", "maxWaitMs"), "max_wait_ms"),
     (("batching", "maxQueuedImages"), "max_queued_images"),
+    (("batching", "maxQueuedGpuSeconds"), "max_queued_gpu_seconds"),
     (("batching", "policy"), "batch_policy"),
     (("defaults", "steps"), "default_steps"),
     (("defaults", "guidance"), "default_guidance"),
@@ -36,6 +37,7 @@ POD_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("limits", "maxImagesPerRequest"), "max_images_per_request"),
     (("limits", "maxPixels"), "max_pixels"),
     (("limits", "maxSteps"), "max_steps"),
+    (("limits", "maxRequestGpuSeconds"), "max_request_gpu_seconds"),
 )
 """(path in spec, PodSettings field): every pod setting an ImageGenerator controls."""
 

@@ -137,6 +137,63 @@ def test_backpressure_429_with_retry_after_and_accepted_work_completes(make_pod:
     assert all(len(body["data"]) == 1 for _, _, body in accepted)
 
 
+def test_a_small_request_does_not_wait_behind_larger_shapes_queued_ahead_of_it(make_pod: PodFactory) -> None:
+    pod = make_pod(batch_policy="fill", max_batch_size=1)
+    with ThreadPoolExecutor(8) as pool:
+        blocker = start_blocker(pod, pool, seconds=3)
+        large = [pool.submit(pod.generate, size="128x128", prompt=f"large {i}") for i in range(3)]
+        wait_queued(pod, 3)
+        small = pool.submit(pod.generate, size="64x64", prompt="small")
+        wait_queued(pod, 4)
+        results = [f.result() for f in [blocker, *large, small]]
+    assert all(status == 200 for status, _ in results), results
+    # First in first out would run the three large ones first; fair queueing by GPU time lets the
+    # small one in after at most one of them.
+    assert [b["width"] for b in pod.batches()[-5:]] == [64, 128, 64, 128, 128]
+
+
+def test_a_request_over_the_gpu_time_ceiling_gets_400_and_the_pod_serves_on(make_pod: PodFactory) -> None:
+    pod = make_pod(max_request_gpu_seconds=60.0)
+    huge = {"prompt": "x", "size": "2048x2048", "num_inference_steps": 150, "n": 10}  # 6,291 units
+    status, _, body = pod.request("POST", "/v1/images/generations", huge)
+    assert status == 400, body
+    error = body["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_expensive"
+    assert "10 images of 2048x2048 at 150 steps" in error["message"] and "at most 60 s" in error["message"]
+    assert pod.generate(size="64x64")[0] == 200  # 0.016 units: far below the ceiling
+    assert pod.load()["queued_samples"] == 0
+
+
+def test_queued_gpu_time_is_bounded_with_429_and_accepted_work_completes(make_pod: PodFactory) -> None:
+    bound = 15.0
+    pod = make_pod(max_request_gpu_seconds=bound, max_queued_gpu_seconds=bound, max_queued_images=1000)
+    # Requests of about a fifth of the bound each, by this machine's measured cost per unit.
+    units = bound / 5 / pod.load()["unit_seconds"]
+    steps = max(1, min(150, round(units / (64 * 64 / 1e6))))
+    with ThreadPoolExecutor(48) as pool:
+        blocker = start_blocker(pod, pool, seconds=3)
+        accepted: list[Future[tuple[int, dict[str, str], Any]]] = []
+        refused: tuple[int, dict[str, str], Any] | None = None
+        for i in range(40):
+            body = {"prompt": f"p{i}", "size": "64x64", "num_inference_steps": steps}
+            future = pool.submit(pod.request, "POST", "/v1/images/generations", body)
+            queued = len(accepted) + 1
+            wait_until(
+                lambda f=future, q=queued: f.done() or pod.load()["queued_samples"] == q, 30, "an answer"
+            )
+            if future.done():
+                refused = future.result()
+                break
+            accepted.append(future)
+        assert refused is not None and accepted, f"{len(accepted)} requests of {steps} steps accepted"
+        queued_seconds = pod.load()["queued_seconds"]
+        results = [f.result() for f in accepted] + [blocker.result()]
+    status, headers, answer = refused
+    assert status == 429 and int(headers["Retry-After"]) >= 1, answer
+    assert answer["error"]["code"] == "queue_full" and "GPU work" in answer["error"]["message"]
+    assert queued_seconds <= bound and all(r[0] == 200 for r in results)
+
+
 def test_a_device_fault_is_a_retryable_503_and_the_pod_recovers(make_pod: PodFactory) -> None:
     pod = make_pod(quarantine_after=3)
     pod.arm("runtime")  # stands for a GPU error: not the request's fault
