@@ -28,6 +28,7 @@ from imagefleet.inference_pod.encoding import Encoded
 from imagefleet.inference_pod.faults import InjectedFault
 from imagefleet.inference_pod.phase import PodPhase
 from imagefleet.inference_pod.scheduler import Scheduler
+from imagefleet.inference_pod.warmup import warm_up, warmup_key
 from imagefleet.inference_pod.worker import BatchRun, Outcome, SampleFailed
 from imagefleet.schema import Defaults, ImageRequest, Limits, parse_generation, resolve_defaults
 from tests.conftest import FakeClock, InlineExecutor, ManualExecutor
@@ -384,6 +385,30 @@ def test_the_warm_up_teaches_the_cost_model() -> None:
         assert s.estimate(k, 1) is None
         s.learn(k, Outcome(results=[], timings=[(1, 0.5), (4, 1.1)]))
         assert s.estimate(k, 1) == pytest.approx(0.5) and s.snapshot().unit_seconds > 0
+
+    run(scenario)
+
+
+def test_the_warm_up_times_the_default_shapes_curve_so_batches_are_capped_from_the_start() -> None:
+    async def scenario() -> None:
+        sizes: list[int] = []
+
+        def overhead_bound(run: BatchRun) -> Outcome:  # 1 s per call, 0.1 s per image
+            sizes.append(len(run.samples))
+            n = len(run.samples)
+            return Outcome(results=[None] * n, timings=[(n, 1.0 + 0.1 * n)])
+
+        def linear(run: BatchRun) -> Outcome:  # batching buys nothing
+            n = len(run.samples)
+            return Outcome(results=[None] * n, timings=[(n, 1.0 * n)])
+
+        for runner, cap in ((overhead_bound, 8), (linear, 1)):
+            s = scheduler(FakeGPU(), max_batch_size=8, fill=False)
+            await warm_up(s, runner, InlineExecutor(), DEFAULTS, max_batch_size=8)
+            key = warmup_key(DEFAULTS)
+            assert s._state.batch_cap(key) == cap
+            assert s._state.batch_cap(CompatKey.of("generate", **dict(request(0).key_values()))) == cap
+        assert sizes == [1, 1, 4, 8]  # the first call pays for lazy set-up and is not learned
 
     run(scenario)
 
