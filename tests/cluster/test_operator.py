@@ -325,6 +325,10 @@ def test_a_spec_the_schema_cannot_check_is_reported_in_a_condition(generator: Ge
         ({"replicas": -1}, "spec.replicas"),
         ({"batching": {"maxBatchSize": 16, "maxQueuedImages": 8}}, "batching.maxBatchSize must not exceed"),
         ({"defaults": {"steps": 400}}, "defaults.steps must not exceed limits.maxSteps"),
+        (
+            {"batching": {"maxQueuedGpuSeconds": 100}, "limits": {"maxRequestGpuSeconds": 200.5}},
+            "limits.maxRequestGpuSeconds must not exceed batching.maxQueuedGpuSeconds",
+        ),
         ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must not exceed"),
         ({"router": {"serviceType": "Ingress"}}, "spec.router.serviceType"),
     ],
