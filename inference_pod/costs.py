@@ -1,12 +1,18 @@
 """Learned batch costs: how long a batch of ``b`` samples of one key takes on this GPU.
 
 Every finished batch is an observation ``(key, b, seconds)``. A batch's time is close to affine
-in its size, ``t(b) = a + c*b`` (fixed per-step work plus per-sample work), and both terms scale
-with the work of one sample (steps x megapixels). So:
+in its size, ``t(b) = a + c*b`` (fixed per-step work plus per-sample work), both terms scale with
+the work ``u`` of one sample (steps x megapixels), and a call may also cost a fixed overhead
+``o`` that scales with neither (prompt encoding, scheduler set-up, Python): ``t = o + u*(a + c*b)``.
+So:
 
 * a key seen at two or more batch sizes gets its own affine fit;
-* a key seen at one size borrows the shape (a/c) learned across all keys;
-* an unseen key is priced from the per-unit fit across all keys;
+* across all keys, that three-term model is fitted once two shapes of different work and two
+  batch sizes have been timed (the warm-up times both); with less, or where the fit says no
+  overhead, the overhead is taken as zero (time proportional to work: an over- not an
+  under-estimate for larger shapes);
+* a key seen at one size borrows the shape of the model across keys, scaled to its observation;
+* an unseen key is priced by the model across keys;
 * before any batch has run, :meth:`CostModel.estimate` prices work with the conservative prior
   :data:`imagefleet.loadreport.PRIOR_UNIT_SECONDS` (per unit, no batching gain assumed).
 
@@ -34,6 +40,63 @@ class Affine:
 
     def at(self, b: int) -> float:
         return self.a + self.c * b
+
+
+@dataclass(frozen=True)
+class WorkModel:
+    """``t = o + u*(a + c*b)``: a batch of ``b`` samples of ``u`` work units each."""
+
+    o: float
+    a: float
+    c: float
+
+    def at(self, units: float, b: int) -> float:
+        return self.o + units * (self.a + self.c * b)
+
+
+def fit_work(points: list[tuple[float, int, float]]) -> WorkModel | None:
+    """Least-squares :class:`WorkModel` through (units, b, seconds) points: None unless the
+    points hold two work sizes and two batch sizes and every term comes out positive."""
+    if len({u for u, _, _ in points}) < 2 or len({b for _, b, _ in points}) < 2:
+        return None
+    rows = [(1.0, u, u * b) for u, b, _ in points]
+    xtx = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+    xty = [sum(r[i] * t for r, (_, _, t) in zip(rows, points, strict=True)) for i in range(3)]
+    solution = _solve3(xtx, xty)
+    if solution is None:
+        return None
+    o, a, c = solution
+    if a < 0:  # no per-step work apart from the samples': fit t = o + c*u*b
+        (o, c), a = _fit_line([(u * b, t) for u, b, t in points]), 0.0
+    if o <= 0 or a < 0 or c <= 0:
+        return None
+    return WorkModel(o, a, c)
+
+
+def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope through (x, y) points (slope 0 if every x is equal)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / var if var > 0 else 0.0
+    return my - slope * mx, slope
+
+
+def _solve3(m: list[list[float]], y: list[float]) -> tuple[float, float, float] | None:
+    """Solve the 3x3 system ``m p = y`` (Gaussian elimination with pivoting; None if singular)."""
+    a = [[*row, v] for row, v in zip(m, y, strict=True)]
+    scale = max(abs(v) for row in m for v in row) or 1.0
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) <= 1e-12 * scale:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(3):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * p for x, p in zip(a[r], a[col], strict=True)]
+    return a[0][3] / a[0][0], a[1][3] / a[1][1], a[2][3] / a[2][2]
 
 
 def fit(points: list[tuple[int, float]]) -> Affine | None:
@@ -86,18 +149,17 @@ class CostModel:
         if line is not None:
             return line.at(size)
         b0, t0 = next(iter(own.items())) if own else (0, 0.0)
-        shape = self._unit_fit()
-        if shape is None:
+        model = self._work_model()
+        units = key.units_per_sample
+        if model is None:
             # One batch size seen anywhere: assume time proportional to batch size and work.
             if own:
                 return t0 / b0 * size
             per_sample = self._per_sample_unit_time()
-            return None if per_sample is None else per_sample * key.units_per_sample * size
+            return None if per_sample is None else per_sample * units * size
         if own:
-            ratio = shape.a / shape.c
-            c = t0 / (ratio + b0)
-            return ratio * c + c * size
-        return shape.at(size) * key.units_per_sample
+            return t0 * model.at(units, size) / model.at(units, b0)
+        return model.at(units, size)
 
     def estimate(self, key: CompatKey, size: int) -> float:
         """:meth:`seconds`, or the conservative prior while nothing at all has been measured."""
@@ -128,6 +190,21 @@ class CostModel:
 
     def _unit_fit(self) -> Affine | None:
         return fit(self._normalised())
+
+    def _work_model(self) -> WorkModel | None:
+        """The model across keys: with a per-call overhead where the data show one, else
+        proportional to work."""
+        points = [
+            (key.units_per_sample, size, seconds)
+            for key, sizes in self._times.items()
+            for size, seconds in sizes.items()
+            if key.units_per_sample > 0
+        ]
+        model = fit_work(points)
+        if model is not None:
+            return model
+        shape = self._unit_fit()
+        return None if shape is None else WorkModel(0.0, shape.a, shape.c)
 
     def _per_sample_unit_time(self) -> float | None:
         points = self._normalised()

@@ -203,8 +203,16 @@ class PodProcess:
         self.stop()
 
 
+UNBOUNDED_WORK = ("--max-request-gpu-seconds", "1e9", "--max-queued-gpu-seconds", "1e9")
+"""Pod flags that lift the bounds on estimated GPU time: tests that hold a CPU pod busy with
+deliberately long requests (hundreds of steps of the tiny model) are about routing, not
+admission, and on a CPU such requests would exceed any ceiling meant for a GPU."""
+
+
 @contextlib.contextmanager
-def pods(count: int, args: Sequence[str] = ("--model", "tiny"), **kwargs: Any) -> Iterator[list[PodProcess]]:
+def pods(
+    count: int, args: Sequence[str] = ("--model", "tiny", *UNBOUNDED_WORK), **kwargs: Any
+) -> Iterator[list[PodProcess]]:
     """Start ``count`` pod processes in parallel and wait until all are ready."""
     started = [PodProcess(args, **kwargs).start() for _ in range(count)]
     try:

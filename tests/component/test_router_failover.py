@@ -27,7 +27,7 @@ from imagefleet.testing.routers import (
     router_settings,
     scrape,
 )
-from imagefleet.testing.servers import PodProcess, get_json, pods, wait_until
+from imagefleet.testing.servers import UNBOUNDED_WORK, PodProcess, get_json, pods, wait_until
 
 POD_ARGS = (
     "--model",
@@ -41,6 +41,7 @@ POD_ARGS = (
     "--fault-injection",
     "--quarantine-after",
     "1",
+    *UNBOUNDED_WORK,
 )
 LONG: dict[str, Any] = {"size": "256x256", "num_inference_steps": 60}
 POD_REQUESTS = metrics.POD_REQUESTS + "_total"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from imagefleet.inference_pod.batching import CAP_GAIN, CompatKey, Plan, Queue, Sample, curve_cap, plan
-from imagefleet.inference_pod.costs import ArrivalMeter, BusyMeter, CostModel, fit
+from imagefleet.inference_pod.costs import ArrivalMeter, BusyMeter, CostModel, WorkModel, fit, fit_work
 
 A = CompatKey.of("generate", size=(64, 64), steps=4, guidance=5.0)
 B = CompatKey.of("generate", size=(96, 64), steps=4, guidance=5.0)
@@ -158,6 +160,26 @@ def test_cost_model_prices_unseen_keys_by_work() -> None:
     big = CompatKey.of("generate", size=(128, 128), steps=8, guidance=5.0)  # 8x the work of A per sample
     assert abs((costs.seconds(big, 1) or 0) - 8.0) < 1e-6
     assert costs.unit_seconds(4) > 0
+
+
+def test_fit_work_tells_per_call_overhead_from_per_step_work() -> None:
+    truth = WorkModel(o=0.5, a=0.02, c=0.3)
+    points = [(u, b, truth.at(u, b)) for u, b in [(1.0, 1), (1.0, 2), (1.0, 4), (2.0, 1)]]
+    model = fit_work(points)
+    assert model is not None
+    assert (model.o, model.a, model.c) == pytest.approx((0.5, 0.02, 0.3))
+    assert fit_work(points[:3]) is None  # one work size: the overhead cannot be told apart
+    assert fit_work([(1.0, 1, 1.0), (1.0, 2, 2.0), (2.0, 1, 2.0)]) is None  # no overhead: proportional
+
+
+def test_cost_model_prices_a_larger_shape_without_scaling_the_overhead() -> None:
+    costs = CostModel()
+    a2 = CompatKey.of("generate", size=(64, 64), steps=8, guidance=5.0)  # twice A's work
+    for key, units in ((A, 1.0), (a2, 2.0)):
+        for b in (1, 4):
+            costs.observe(key, b, 0.5 + units * (0.02 + 0.3 * b))  # 0.5 s per call
+    big = CompatKey.of("generate", size=(128, 128), steps=8, guidance=5.0)  # 8x A's work
+    assert costs.seconds(big, 1) == pytest.approx(0.5 + 8 * 0.32)  # not 8 x A's time
 
 
 def test_cost_model_caps_batches_after_out_of_memory() -> None:

@@ -391,24 +391,29 @@ def test_the_warm_up_teaches_the_cost_model() -> None:
 
 def test_the_warm_up_times_the_default_shapes_curve_so_batches_are_capped_from_the_start() -> None:
     async def scenario() -> None:
-        sizes: list[int] = []
+        runs: list[tuple[int, int]] = []
 
-        def overhead_bound(run: BatchRun) -> Outcome:  # 1 s per call, 0.1 s per image
-            sizes.append(len(run.samples))
+        def overhead_bound(run: BatchRun) -> Outcome:  # 1 s per call, 0.02 s per image and step
             n = len(run.samples)
-            return Outcome(results=[None] * n, timings=[(n, 1.0 + 0.1 * n)])
+            runs.append((n, run.key.steps))
+            return Outcome(results=[None] * n, timings=[(n, 1.0 + 0.02 * n * run.key.steps)])
 
         def linear(run: BatchRun) -> Outcome:  # batching buys nothing
             n = len(run.samples)
-            return Outcome(results=[None] * n, timings=[(n, 1.0 * n)])
+            return Outcome(results=[None] * n, timings=[(n, 0.25 * n * run.key.steps)])
 
+        served = CompatKey.of("generate", **dict(request(0).key_values()))  # 64x64, 4 steps
         for runner, cap in ((overhead_bound, 8), (linear, 1)):
             s = scheduler(FakeGPU(), max_batch_size=8, fill=False)
             await warm_up(s, runner, InlineExecutor(), DEFAULTS, max_batch_size=8)
-            key = warmup_key(DEFAULTS)
-            assert s._state.batch_cap(key) == cap
-            assert s._state.batch_cap(CompatKey.of("generate", **dict(request(0).key_values()))) == cap
-        assert sizes == [1, 1, 4, 8]  # the first call pays for lazy set-up and is not learned
+            assert s._state.batch_cap(warmup_key(DEFAULTS)) == cap and s._state.batch_cap(served) == cap
+        # The first call pays for lazy set-up and is not learned; the last, at twice the steps,
+        # tells the 1 s per call from the per-step work, so a longer request is priced right.
+        assert runs == [(1, 2), (1, 2), (4, 2), (8, 2), (1, 4)]
+        s = scheduler(FakeGPU(), max_batch_size=8, fill=False)
+        await warm_up(s, overhead_bound, InlineExecutor(), DEFAULTS, max_batch_size=8)
+        long = CompatKey.of("generate", size=(64, 64), steps=40, guidance=5.0)
+        assert s.estimate(long, 1) == pytest.approx(1.0 + 0.02 * 40)
 
     run(scenario)
 
