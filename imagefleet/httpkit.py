@@ -68,6 +68,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
+    except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
+        raise InvalidRequest("The body holds an integer with too many digits to read.") from None
 
 
 async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float) -> web.AppRunner:

@@ -18,7 +18,11 @@ it. From that one table come:
 Adding a field is one row in :data:`FIELDS` (and its attribute on :class:`ImageRequest`, which a
 test keeps in step with the table), plus its use in the pod's worker. OpenAI fields that only make
 sense for OpenAI's own models are accepted only at values that describe what this server does
-anyway (``quality="auto"``, ``background="opaque"``, ``stream=false``).
+anyway (``quality="auto"``, ``background="opaque"``, ``stream=false``, ``moderation="auto"``).
+
+Text must be valid Unicode (a JSON string may hold a lone UTF-16 surrogate, which no tokenizer
+takes), and numbers are written in ASCII digits only: Python's ``int`` and ``float`` also read
+full-width, Arabic-Indic and other Unicode digits, which no client means as numbers.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
 MAX_USER_CHARS = 256
-_SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+_SIZE = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+MAX_DIGITS = 40
+"""An integer written with more digits is refused unread (every bound here has at most 19)."""
 
 
 class Kind(enum.Enum):
@@ -208,6 +216,7 @@ class Field:
 
 
 EDIT: tuple[Task, ...] = ("edit",)
+GENERATE: tuple[Task, ...] = ("generate",)
 _CONST, _REQUIRED, _MODEL = DefaultFrom.CONSTANT, DefaultFrom.REQUIRED, DefaultFrom.MODEL
 _ANSWERS = "this server answers with complete images only"
 
@@ -246,6 +255,8 @@ FIELDS: tuple[Field, ...] = (
     Field("background", Kind.TEXT, None, choices=("auto", "opaque"), hint="this server produces opaque images"),
     Field("stream", Kind.BOOLEAN, None, choices=(False,), hint=_ANSWERS),
     Field("partial_images", Kind.INTEGER, None, choices=(0,), hint=_ANSWERS),
+    Field("moderation", Kind.TEXT, None, choices=("auto", "low"), tasks=GENERATE,
+          hint="this server applies no content moderation of its own"),
 )
 # fmt: on
 
@@ -440,6 +451,10 @@ def _parse(task: Task, get: Getter, limits: Limits) -> ImageRequest:
 
 def _checked(f: Field, value: Any, limits: Limits) -> Any:
     """``value`` (already of the field's type, or None) checked against the field's rules."""
+    if isinstance(value, str) and not _is_unicode(value):
+        raise InvalidRequest(
+            f"{f.name} is not valid Unicode text (it holds a lone UTF-16 surrogate).", param=f.name
+        )
     if f.attr is None:  # an OpenAI field honoured only at the values that describe this server
         if value is not None and value not in f.choices:
             raise InvalidRequest(
@@ -464,8 +479,23 @@ def _checked(f: Field, value: Any, limits: Limits) -> Any:
             f"{f.name} must be one of {', '.join(f.choices)}, got {value[:40]!r}.", param=f.name
         )
     elif f.kind in (Kind.INTEGER, Kind.NUMBER) and not _in_bounds(f, value, limits):
-        raise InvalidRequest(f"{f.name} must be {_range_text(f, limits)}, got {value!r}.", param=f.name)
+        raise InvalidRequest(f"{f.name} must be {_range_text(f, limits)}, got {_shown(value)}.", param=f.name)
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: encodable as UTF-8 (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _in_bounds(f: Field, value: float, limits: Limits | None) -> bool:
@@ -519,8 +549,8 @@ def _json_getter(body: Mapping[str, Any]) -> Getter:
         if not ok:
             raise InvalidRequest(f"{f.name} must be {_TYPE_NAMES[kind]}.", param=f.name)
         if kind is float:
-            value = float(value)
-            if not math.isfinite(value):
+            value = _finite(value)
+            if value is None:
                 raise InvalidRequest(f"{f.name} must be a finite number.", param=f.name)
         return value
 
@@ -536,21 +566,45 @@ def _form_getter(fields: Mapping[str, str]) -> Getter:
         if kind is str:
             return raw
         text = raw.strip()
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false"):
-                    raise ValueError
-                return text.lower() == "true"
-            value = kind(text)
-        except ValueError:
-            raise InvalidRequest(
-                f"{f.name} must be {_TYPE_NAMES[kind]}, got {raw[:40]!r}.", param=f.name
-            ) from None
-        if kind is float and not math.isfinite(value):
-            raise InvalidRequest(f"{f.name} must be a finite number.", param=f.name)
+        value: bool | int | float | None
+        if kind is bool:
+            value = {"true": True, "false": False}.get(text.lower())
+        elif kind is int:
+            value = read_int(text)
+            if value is None and _INTEGER.fullmatch(text):
+                raise InvalidRequest(
+                    f"{f.name} must be an integer of at most {MAX_DIGITS} digits.", param=f.name
+                )
+        else:
+            value = read_number(text)
+            if value is not None and not math.isfinite(value):
+                raise InvalidRequest(f"{f.name} must be a finite number.", param=f.name)
+        if value is None:
+            raise InvalidRequest(f"{f.name} must be {_TYPE_NAMES[kind]}, got {_shown(raw)}.", param=f.name)
         return value
 
     return get
+
+
+def read_int(text: str) -> int | None:
+    """An integer written in ASCII digits (an optional sign, at most :data:`MAX_DIGITS` digits)."""
+    if not _INTEGER.fullmatch(text) or len(text.lstrip("+-")) > MAX_DIGITS:
+        return None
+    return int(text)
+
+
+def read_number(text: str) -> float | None:
+    """A decimal number written in ASCII (``1``, ``-0.5``, ``.5``, ``2e-3``); may be infinite."""
+    return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def _finite(value: float) -> float | None:
+    """``value`` as a finite float; None if it is infinite, NaN, or too large for a float."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 # --- defaults ----------------------------------------------------------------------------------
@@ -623,6 +677,27 @@ def resolve_defaults(
     return replace(request, **updates)
 
 
+def check_denoising_steps(request: ImageRequest, pipeline_strength: float | None) -> None:
+    """An edit must leave its pipeline at least one denoising step.
+
+    Image-to-image and inpainting run ``int(steps x strength)`` of the steps (diffusers counts
+    them so), and a pipeline left with none raises. ``pipeline_strength`` is the edit pipeline's
+    own default, used when the request names no ``strength``. Call it once defaults are resolved.
+    """
+    if request.task != "edit" or request.steps is None:
+        return
+    strength = request.strength if request.strength is not None else pipeline_strength
+    if strength is None or int(request.steps * strength) >= 1:
+        return
+    given = "strength" if request.strength is not None else "the model's default strength"
+    raise InvalidRequest(
+        f"num_inference_steps={request.steps} x strength={strength:g} ({given}) leaves no denoising "
+        "step: an edit runs int(num_inference_steps x strength) steps, which must be at least 1. "
+        "Raise num_inference_steps or strength.",
+        param="strength" if request.strength is not None else "num_inference_steps",
+    )
+
+
 # --- the router's lenient view -----------------------------------------------------------------
 
 
@@ -646,12 +721,15 @@ class CostView:
         )
 
 
-def cost_view(fields: Mapping[str, Any]) -> CostView:
+def cost_view(fields: Any) -> CostView:
     """The pricing fields of a generation (JSON object) or an edit (multipart text), read leniently.
 
     Nothing is validated: a value that cannot be read, or lies outside the widest bounds any pod
-    accepts, is left to the pod's default (the pod rejects it in its own answer).
+    accepts, is left to the pod's default (the pod rejects it in its own answer). Never raises,
+    whatever ``fields`` holds.
     """
+    if not isinstance(fields, Mapping):
+        return CostView()
     values = {f.attr: _lenient(f, fields.get(f.name)) for f in PRICE_FIELDS if f.attr}
     size = values.pop("size", None)
     n = values.pop("n", None)
@@ -670,15 +748,13 @@ def _lenient(f: Field, value: Any) -> Any:
         return (width, height) if width > 0 and height > 0 else None
     if f.kind is Kind.INTEGER:
         if isinstance(value, str):
-            value = value.strip()
-            value = int(value) if value.isascii() and value.isdigit() else None
+            value = read_int(value.strip())
         return value if isinstance(value, int) and _in_bounds(f, value, None) else None
     if f.kind is Kind.NUMBER:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return None
-        return number if math.isfinite(number) and _in_bounds(f, number, None) else None
+        if isinstance(value, str):
+            value = read_number(value.strip())
+        number = _finite(value) if isinstance(value, (int, float)) else None
+        return number if number is not None and _in_bounds(f, number, None) else None
     raise NotImplementedError(f"no lenient reading of {f.kind.value} fields")
 
 

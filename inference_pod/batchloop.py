@@ -3,8 +3,14 @@
 Whenever the GPU frees, the loop asks :meth:`~.batchstate.BatchState.next` what to run (or how
 long to wait for a batch to fill), hands the batch to the one-thread GPU executor, and settles
 the outcome: it teaches the cost model, keeps the recent-batch log, records health, and passes
-each sample's image to :mod:`.delivery` (whose encoding overlaps the next batch on the GPU). A
-failed batch fails every request in it; repeated failures quarantine the pod.
+each sample's image to :mod:`.delivery` (whose encoding overlaps the next batch on the GPU).
+
+A failure reaches only the requests it belongs to: a sample that failed alone fails its own
+request, and a batch fails as a whole only on a device fault (the worker retries other failures
+sample by sample). Only the device's failures count toward quarantine: a batch with one (a device
+fault, a sample out of memory alone, NaNs in an image) is a failure, a batch that made an image
+and had none a success, and a batch whose only failures were its inputs' leaves the count alone.
+Clients hear a generic message with their request id; the details are in the log.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from imagefleet.inference_pod.delivery import Delivery
 from imagefleet.inference_pod.health import PodHealth
 from imagefleet.inference_pod.phase import PodPhase, refused
 from imagefleet.inference_pod.worker import (
+    GENERIC_FAILURE,
     BatchRun,
     Outcome,
     RunBatch,
@@ -46,6 +53,21 @@ def learn(costs: CostModel, key: CompatKey, outcome: Outcome) -> None:
         costs.observe(key, n, t)
     if outcome.oom_cap is not None:
         costs.cap(key, outcome.oom_cap)
+
+
+def with_request_id(message: str, job_id: str) -> str:
+    """A client's error message, with the id the pod's log names the request by."""
+    return f"{message} Request id: {job_id}."
+
+
+def sample_error(failure: SampleFailed, job_id: str) -> APIError:
+    """The answer to a request whose sample failed alone."""
+    message = with_request_id(str(failure), job_id)
+    if failure.kind == "oom":  # the same image would not fit on another pod of this kind either
+        return GenerationFailed(message, code="oom")
+    if failure.device:
+        return Unavailable(message, retry_after=1, code="device_error")
+    return GenerationFailed(message, code="generation_failed")
 
 
 class BatchLoop:
@@ -119,7 +141,18 @@ class BatchLoop:
         learn(self._state.costs, run.key, outcome)
         if outcome.oom_cap is not None:
             self._counters.other_errors["oom"] += 1
-        status = "cancelled" if outcome.cancelled else "failed" if outcome.error else "ok"
+        for kind in outcome.retried:
+            self._counters.batch_errors[kind] += 1
+        partial = any(isinstance(r, SampleFailed) for r in outcome.results)
+        status = (
+            "cancelled"
+            if outcome.cancelled
+            else "failed"
+            if outcome.error
+            else "partial"
+            if partial
+            else "ok"
+        )
         self._record(run, status, seconds)
         if outcome.cancelled:
             self._counters.images[m.OUTCOME_CANCELLED] += size
@@ -127,32 +160,50 @@ class BatchLoop:
         if outcome.error is not None:
             self._failed(run, outcome.error)
             return
-        self._health.success()
+        device_failures: list[str] = []
         for sample, result in zip(run.samples, outcome.results, strict=True):
+            if isinstance(result, SampleFailed):
+                if result.kind == "nan":
+                    self._counters.other_errors["nan"] += 1
+                if result.device:
+                    device_failures.append(f"{result.kind} (request {sample.job_id})")
             ticket = self._delivery.get(sample.job_id)
             if ticket is None or ticket.done:
                 self._counters.images[m.OUTCOME_CANCELLED] += 1
             elif isinstance(result, SampleFailed):
                 self._counters.images[m.OUTCOME_FAILED] += 1
-                self._delivery.fail(ticket, GenerationFailed(str(result), code=result.kind))
+                self._delivery.fail(ticket, sample_error(result, sample.job_id))
             else:
                 self._delivery.encode(ticket, sample.index, result)
+        if device_failures:
+            self._device_failed(f"a sample failed on the device: {', '.join(device_failures)}")
+        elif any(not isinstance(r, SampleFailed) for r in outcome.results):
+            self._health.success()
 
     def _failed(self, run: BatchRun, error: BaseException) -> None:
-        self._counters.batch_errors[error_kind(error)] += 1
+        """The whole batch failed: each of its requests hears so; a device fault counts."""
+        kind = error_kind(error)
+        self._counters.batch_errors[kind] += 1
         self._counters.images[m.OUTCOME_FAILED] += len(run.samples)
-        message = f"Image generation failed: {type(error).__name__}: {str(error)[:300]}"
-        answer: APIError
-        if device_fault(error):  # not the request's fault: a router retries it on another pod
-            answer = Unavailable(
-                "The GPU failed while running this request; retry it.", retry_after=1, code="device_error"
-            )
-        else:
-            answer = GenerationFailed(message, code="generation_failed")
-        for job_id in dict.fromkeys(s.job_id for s in run.samples):
+        job_ids = list(dict.fromkeys(s.job_id for s in run.samples))
+        log.error("A batch of %d failed (requests %s)", len(run.samples), ", ".join(job_ids), exc_info=error)
+        device = device_fault(error)
+        for job_id in job_ids:
             ticket = self._delivery.get(job_id)
-            if ticket is not None:
-                self._delivery.fail(ticket, answer)
+            if ticket is None:
+                continue
+            answer: APIError
+            if device:  # not the request's fault: a router retries it on another pod
+                message = "The GPU failed while running this request; retry it."
+                answer = Unavailable(with_request_id(message, job_id), retry_after=1, code="device_error")
+            else:
+                answer = GenerationFailed(with_request_id(GENERIC_FAILURE, job_id), code="generation_failed")
+            self._delivery.fail(ticket, answer)
+        if device:
+            self._device_failed(f"{kind} error in a batch (requests {', '.join(job_ids)})")
+
+    def _device_failed(self, message: str) -> None:
+        """Count a device failure (``message`` names no exception text: /stats shows it)."""
         if self._health.failure(message):
             log.error("Quarantined after %d consecutive failed batches", self._health.consecutive_failures)
             self._counters.other_errors["quarantine"] += 1

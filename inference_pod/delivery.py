@@ -112,7 +112,9 @@ class Delivery:
         exc = fut.exception()
         if exc is not None:
             self._counters.other_errors["encode"] += 1
-            self.fail(ticket, GenerationFailed(f"Encoding the image failed: {exc}"))
+            log.error("Encoding image %d of request %s failed", index, ticket.id, exc_info=exc)
+            message = f"The image could not be encoded: internal error. Request id: {ticket.id}."
+            self.fail(ticket, GenerationFailed(message, code="encode_failed"))
             return
         ticket.outputs[index] = fut.result()
         self._counters.images[m.OUTCOME_COMPLETED] += 1

@@ -3,7 +3,9 @@
 Everything about it is here. :func:`wrap` wraps the batch runner so that each batch carries one
 more step hook (:data:`~.worker.StepHook`); the worker runs step hooks without knowing what they
 do, and the batch loop classifies the failure by its type (:class:`InjectedFault` is a
-:class:`~.worker.BatchFault` of kind ``injected``). The ``/debug/*`` routes exist only when the
+:class:`~.worker.BatchFault` of kind ``injected``, a device fault; :class:`InjectedInputError`, of
+kind ``injected_input``, stands for an input the pipeline cannot take, so the worker retries its
+batch sample by sample). The ``/debug/*`` routes exist only when the
 hook is on (:mod:`.routes`). Never on in production.
 """
 
@@ -19,7 +21,7 @@ import torch
 from imagefleet.errors import InvalidRequest
 from imagefleet.inference_pod.worker import BatchFault, BatchRun, Outcome, RunBatch
 
-KINDS = ("runtime", "oom", "stall")
+KINDS = ("runtime", "oom", "stall", "input")
 MAX_STALL_S = 600
 
 
@@ -30,16 +32,25 @@ class InjectedFault(BatchFault, RuntimeError):
     device = True  # it stands for a GPU failure
 
 
+class InjectedInputError(BatchFault, ValueError):
+    """A failure as the pipeline raises on an input it cannot take: the input's fault."""
+
+    kind = "injected_input"
+    device = False
+
+
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "runtime": the pipeline raises; "oom": CUDA out-of-memory; "stall": a slow first step
+    kind: str
+    """"runtime": a device fault; "input": the pipeline raises on its input; "oom": CUDA
+    out-of-memory; "stall": a slow first step."""
     min_batch: int = 1
     seconds: float = 0.0
 
 
 class FaultPlan:
     """The armed faults: the next ``count`` pipeline calls of at least ``min_batch`` samples fail
-    (``runtime``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
+    (``runtime``, ``input``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -82,6 +93,8 @@ class _Hook:
             run.stop.wait(fault.seconds)
         elif fault.kind == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory")
+        elif fault.kind == "input":
+            raise InjectedInputError("injected input error")
         else:
             raise InjectedFault("injected pipeline fault")
 

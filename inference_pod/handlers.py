@@ -59,6 +59,18 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": [reports.model_entry(request.app[RUNTIME])]})
 
 
+async def get_model(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    model_id = request.match_info["model_id"]
+    if model_id != rt.settings.model:
+        raise NotFound(
+            f"The model '{model_id[:200]}' is not served here; this server serves '{rt.settings.model}'.",
+            param="model",
+            code="model_not_found",
+        )
+    return json_response(reports.model_entry(rt))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 

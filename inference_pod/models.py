@@ -8,11 +8,15 @@
 * anything else -- a Hugging Face id or a local directory, through ``DiffusionPipeline.from_pretrained``.
 
 Image-to-image and inpainting pipelines are made from the loaded components with
-``AutoPipelineFor*.from_pipe``: no second copy of the weights.
+``AutoPipelineFor*.from_pipe`` (no second copy of the weights) while the model loads, so the pod
+knows which edits the model can make and each edit pipeline's default ``strength`` before the
+first request (an edit must leave at least one denoising step:
+:func:`imagefleet.schema.check_denoising_steps`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import threading
@@ -55,6 +59,8 @@ class ModelInfo:
     """The model's own defaults; the pod's settings may override them (:func:`imagefleet.schema.model_defaults`)."""
     supports_negative_prompt: bool
     tasks: tuple[str, ...] = TASKS
+    strengths: dict[str, float] = field(default_factory=dict)
+    """The default ``strength`` of each edit pipeline ("img2img", "inpaint") that has one."""
 
 
 @dataclass
@@ -125,7 +131,26 @@ def load(settings: PodSettings) -> LoadedModel:
     if random_weights:
         log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
     log.info("Loaded %s (%s, %s on %s)", name, info.family, info.dtype, device)
-    return LoadedModel(info=info, text2img=pipe)
+    model = LoadedModel(info=info, text2img=pipe)
+    model.info = derive_edit_pipelines(model)
+    return model
+
+
+def derive_edit_pipelines(model: LoadedModel) -> ModelInfo:
+    """Make the edit pipelines now; the model's info, less the tasks it cannot do, with their
+    default strengths."""
+    tasks, strengths = ["generate"], {}
+    for task in TASKS[1:]:
+        try:
+            pipe = model.pipeline(task)
+        except Exception as exc:  # diffusers has no such pipeline for this model
+            log.warning("%s cannot %s: %s", model.info.id, task, exc)
+            continue
+        tasks.append(task)
+        default = getattr(inspect.signature(pipe.__call__).parameters.get("strength"), "default", None)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            strengths[task] = float(default)
+    return dataclasses.replace(model.info, tasks=tuple(tasks), strengths=strengths)
 
 
 def family_of(pipe: Any) -> str:

@@ -23,13 +23,19 @@ def load_report(rt: PodRuntime) -> LoadReport:
     phase = rt.phase()
     status = rt.status
     if not isinstance(status, Serving):
-        return LoadReport(model=rt.settings.model, ready=False, max_batch_size=rt.settings.max_batch_size)
+        return LoadReport(
+            model=rt.settings.model,
+            ready=False,
+            phase=phase.value,
+            max_batch_size=rt.settings.max_batch_size,
+        )
     snap = status.scheduler.snapshot()
     width, height = status.defaults.size
     return LoadReport(
         model=status.model.info.id,
         ready=phase is PodPhase.SERVING,
         quarantined=phase is PodPhase.QUARANTINED,
+        phase=phase.value,
         draining=phase is PodPhase.DRAINING,
         queued_requests=snap.queued_requests,
         queued_samples=snap.queued_samples,

@@ -14,6 +14,7 @@ def setup_routes(app: web.Application, *, debug: bool) -> None:
     r.add_post("/v1/images/edits", h.edits)
     r.add_get(wire.FILES_PATH + "{file_id}", h.get_file)
     r.add_get("/v1/models", h.list_models)
+    r.add_get("/v1/models/{model_id:.+}", h.get_model)  # Hugging Face ids hold a slash
     r.add_get(wire.LOAD_PATH, h.load)
     r.add_get(wire.HEALTH_PATH, h.healthz)
     r.add_get(wire.READY_PATH, h.readyz)

@@ -1,7 +1,8 @@
 """The image service: between HTTP and the scheduler, what it takes to answer one request.
 
 For a parsed request it checks what the served model supports, resolves the defaults (once, with
-:func:`imagefleet.schema.resolve_defaults`), decodes an edit's uploads on the CPU pool, submits
+:func:`imagefleet.schema.resolve_defaults`; an edit must then leave its pipeline a denoising
+step), decodes an edit's uploads on the CPU pool, submits
 the work and waits for it, cancelling the work when the client goes away. Handlers only read the
 body, parse it, call :meth:`ImageService.generate` or :meth:`ImageService.edit`, and render the
 result (TGI's ``Infer``).
@@ -20,7 +21,14 @@ from imagefleet.inference_pod import uploads
 from imagefleet.inference_pod.encoding import Encoded
 from imagefleet.inference_pod.models import ModelInfo
 from imagefleet.inference_pod.scheduler import Scheduler, Ticket
-from imagefleet.schema import Defaults, EditFiles, ImageRequest, Limits, resolve_defaults
+from imagefleet.schema import (
+    Defaults,
+    EditFiles,
+    ImageRequest,
+    Limits,
+    check_denoising_steps,
+    resolve_defaults,
+)
 
 DISCONNECT_POLL_S = 0.1
 UPLOAD_PIXEL_FACTOR = 4  # uploads may be this many times larger than the largest output
@@ -74,6 +82,7 @@ class ImageService:
             UPLOAD_PIXEL_FACTOR * self.limits.max_pixels,
         )
         request = resolve_defaults(request, self.defaults, self.limits, image_size=original, rng=self._rng)
+        check_denoising_steps(request, self.info.strengths.get(pipeline))
         ticket = self._scheduler.submit(request, pipeline=pipeline, image=image, mask=mask)
         return Result(request, await self._wait(ticket, gone))
 

@@ -1,14 +1,15 @@
 """Decoding the files of ``POST /v1/images/edits``: the image to edit and the optional mask.
 
 Runs on the CPU pool. Headers are checked before pixels are decoded, so a decompression bomb is
-refused without being expanded.
+refused without being expanded. A photo's EXIF orientation is applied (to the image and to the
+mask alike), so the pixels are upright as every viewer shows them.
 """
 
 from __future__ import annotations
 
 import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imagefleet.errors import InvalidRequest
 
@@ -28,11 +29,12 @@ def open_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
                 param=param,
             )
         image.load()
+        upright = ImageOps.exif_transpose(image) or image
     except InvalidRequest:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
         raise InvalidRequest(f"{param} is not a readable PNG, JPEG or WebP image.", param=param) from None
-    return image
+    return upright
 
 
 def edit_mask(mask: Image.Image) -> Image.Image:

@@ -8,6 +8,11 @@ loop never waits on torch. A batch:
 * stops at the next denoising step when its ``stop`` event is set (all its clients left);
 * on CUDA out-of-memory is split in halves that run one after the other; a single sample that
   still does not fit fails alone;
+* on any other error that is not the device's (:func:`device_fault`) is retried sample by sample,
+  so that only the sample that fails alone fails (an input the pipeline cannot take must not cost
+  its batchmates their images); a device fault fails the whole batch, which is not retried here;
+* checks every image for NaNs (a broken device, or a numerically broken step): such a sample
+  fails as the device's fault;
 * calls the run's step hooks after every denoising step (the fault-injection test hook of
   :mod:`.faults` is one); the worker itself knows nothing of what they do.
 """
@@ -15,13 +20,16 @@ loop never waits on torch. A batch:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.models import LoadedModel
@@ -49,21 +57,36 @@ def error_kind(error: BaseException) -> str:
     return error.kind if isinstance(error, BatchFault) else BatchFault.kind
 
 
+# What CUDA, cuBLAS and cuDNN failures say when torch raises them as a plain RuntimeError.
+_DEVICE_MESSAGE = re.compile(r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error")
+
+
 def device_fault(error: BaseException) -> bool:
     """Whether the device failed (not the request): a CUDA/accelerator error or an injected one.
 
-    Such a batch's requests are answered 503 so that a router retries them on another pod.
+    Such a batch's requests are answered 503 so that a router retries them on another pod, and
+    the failure counts toward quarantine; no other failure does.
     """
     if isinstance(error, BatchFault):
         return error.device
     accelerator = getattr(torch, "AcceleratorError", None)
-    return accelerator is not None and isinstance(error, accelerator)
+    if accelerator is not None and isinstance(error, accelerator):
+        return True
+    return isinstance(error, RuntimeError) and bool(_DEVICE_MESSAGE.search(str(error)))
 
 
 class SampleFailed(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    """One sample's failure; the others of its batch are unaffected.
+
+    ``kind``: ``oom`` (out of memory alone), ``nan`` (the image came out as NaNs) or ``pipeline``
+    (the pipeline raised on this sample alone). ``device``: the device's fault, not the input's
+    (counts toward quarantine). The message is safe to show a client; details are in the log.
+    """
+
+    def __init__(self, kind: str, message: str, *, device: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
+        self.device = device
 
 
 StepHook = Callable[["BatchRun", int, int], None]
@@ -84,13 +107,18 @@ class BatchRun:
 
 @dataclass
 class Outcome:
-    """Per-sample images or failures, aligned with ``run.samples``, and what was timed."""
+    """Per-sample images or failures, aligned with ``run.samples``, and what was timed.
+
+    ``error``: the whole batch failed (a device fault); ``retried``: the kinds of the errors
+    (:func:`error_kind`) of pipeline calls that failed and were retried sample by sample.
+    """
 
     results: list[Any]
     timings: list[tuple[int, float]] = field(default_factory=list)
     oom_cap: int | None = None
     cancelled: bool = False
     error: BaseException | None = None
+    retried: list[str] = field(default_factory=list)
 
 
 RunBatch = Callable[[BatchRun], Outcome]
@@ -104,8 +132,7 @@ def execute(model: LoadedModel, run: BatchRun) -> Outcome:
         _run_split(model, run, list(range(len(run.samples))), outcome)
     except BatchCancelled:
         outcome.cancelled = True
-    except Exception as exc:  # a failed batch fails every sample in it
-        log.exception("Batch of %d failed", len(run.samples))
+    except Exception as exc:  # a device fault fails every sample of the batch (the caller logs it)
         outcome.error = exc
     return outcome
 
@@ -119,7 +146,10 @@ def _run_split(model: LoadedModel, run: BatchRun, indices: list[int], outcome: O
         _free_memory()
         outcome.oom_cap = len(indices) // 2 if len(indices) > 1 else 1
         if len(indices) == 1:
-            outcome.results[indices[0]] = SampleFailed("oom", "The GPU ran out of memory for this image.")
+            log.error("Out of memory for one sample alone (request %s)", samples[0].job_id)
+            outcome.results[indices[0]] = SampleFailed(
+                "oom", "The GPU ran out of memory for this image.", device=True
+            )
             return
         half = len(indices) // 2
         log.warning(
@@ -128,9 +158,43 @@ def _run_split(model: LoadedModel, run: BatchRun, indices: list[int], outcome: O
         _run_split(model, run, indices[:half], outcome)
         _run_split(model, run, indices[half:], outcome)
         return
+    except BatchCancelled:
+        raise
+    except Exception as exc:
+        if device_fault(exc):
+            raise
+        outcome.retried.append(error_kind(exc))
+        if len(indices) == 1:
+            log.exception("The pipeline failed on one sample alone (request %s)", samples[0].job_id)
+            outcome.results[indices[0]] = SampleFailed("pipeline", GENERIC_FAILURE)
+            return
+        log.warning(
+            "A batch of %d failed (%s: %s); retrying its samples one by one (requests %s)",
+            len(indices),
+            type(exc).__name__,
+            exc,
+            _requests(samples),
+        )
+        for i in indices:
+            _run_split(model, run, [i], outcome)
+        return
     outcome.timings.append((len(indices), time.perf_counter() - started))
-    for i, image in zip(indices, images, strict=True):
-        outcome.results[i] = image
+    for i, sample, image in zip(indices, samples, images, strict=True):
+        if isinstance(image, np.ndarray) and np.isnan(image).any():
+            log.error("The pipeline made NaNs for request %s (sample %d)", sample.job_id, sample.index)
+            outcome.results[i] = SampleFailed("nan", "The GPU produced an invalid image.", device=True)
+        else:
+            outcome.results[i] = (
+                VaeImageProcessor.numpy_to_pil(image)[0] if isinstance(image, np.ndarray) else image
+            )
+
+
+GENERIC_FAILURE = "The image could not be generated: internal error."
+"""What a client hears of a failure inside the pipeline; the details go to the log."""
+
+
+def _requests(samples: list[Sample]) -> str:
+    return ", ".join(dict.fromkeys(s.job_id for s in samples))
 
 
 def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> list[Any]:
@@ -154,7 +218,7 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
         "guidance_scale": key.guidance,
         "generator": [torch.Generator("cpu").manual_seed(s.seed) for s in samples],
         "callback_on_step_end": on_step_end,
-        "output_type": "pil",
+        "output_type": "np",  # checked for NaNs, then made PIL images (as "pil" would)
     }
     if any(s.negative_prompt for s in samples):
         kwargs["negative_prompt"] = [s.negative_prompt or "" for s in samples]

@@ -102,6 +102,14 @@ JSON_CASES: list[tuple[str, Any, int, str | None]] = [
     ("stream-not-honoured", {"prompt": "a", "stream": True}, 400, "stream"),
     ("partial-images-not-honoured", {"prompt": "a", "partial_images": 2}, 400, "partial_images"),
     ("user-int", {"prompt": "a", "user": 123}, 400, "user"),
+    # a lone UTF-16 surrogate is valid JSON ("\ud800") but no text: it would fail its whole batch
+    ("prompt-lone-surrogate", {"prompt": "a \ud800 cat"}, 400, "prompt"),
+    ("negative-prompt-lone-surrogate", {"prompt": "a", "negative_prompt": "\udc00"}, 400, "negative_prompt"),
+    ("user-lone-surrogate", {"prompt": "a", "user": "\ud83d"}, 400, "user"),
+    ("size-full-width-digits", {"prompt": "a", "size": "\uff16\uff14x\uff16\uff14"}, 400, "size"),
+    ("size-arabic-indic-digits", {"prompt": "a", "size": "\u0666\u0664x\u0666\u0664"}, 400, "size"),
+    ("moderation-high", {"prompt": "a", "moderation": "high"}, 400, "moderation"),
+    ("guidance-beyond-float", {"prompt": "a", "guidance_scale": 10**400}, 400, "guidance_scale"),
 ]
 
 RAW_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
@@ -128,6 +136,22 @@ RAW_CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
         b'{"prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}',
         {"Content-Type": "application/json"},
         413,
+    ),
+    (
+        "n-past-the-digit-limit",
+        "POST",
+        GEN,
+        b'{"prompt": "a", "n": ' + b"1" * 5000 + b"}",
+        {"Content-Type": "application/json"},
+        400,
+    ),
+    (
+        "seed-past-the-digit-limit",
+        "POST",
+        GEN,
+        b'{"prompt": "a", "seed": ' + b"9" * 4301 + b"}",
+        {"Content-Type": "application/json"},
+        400,
     ),
     ("get-on-post-route", "GET", GEN, b"", {}, 405),
     ("unknown-route", "GET", "/v1/images/variations", b"", {}, 404),
@@ -193,6 +217,57 @@ EDIT_CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("n-text", {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "many"}, 400, "n"),
     ("edit-missing-prompt", {"image": ("a.png", png(), "image/png")}, 400, "prompt"),
     ("edit-size-not-multiple", {"prompt": "a", "image": ("a.png", png((60, 60)), "image/png")}, 400, "image"),
+    ("n-full-width", {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "\uff12"}, 400, "n"),
+    ("n-arabic-indic", {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "\u0662"}, 400, "n"),
+    ("n-superscript", {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "\u00b2"}, 400, "n"),
+    (
+        "n-past-the-digit-limit",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "n": "1" * 5000},
+        400,
+        "n",
+    ),
+    (
+        "seed-past-the-digit-limit",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "seed": "9" * 5000},
+        400,
+        "seed",
+    ),
+    (
+        "steps-full-width",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "num_inference_steps": "\uff14"},
+        400,
+        "num_inference_steps",
+    ),
+    (
+        "size-full-width",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "size": "\uff16\uff14x\uff16\uff14"},
+        400,
+        "size",
+    ),
+    (
+        "strength-arabic-indic",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "strength": "\u0660.\u0665"},
+        400,
+        "strength",
+    ),
+    # int(num_inference_steps x strength) == 0: the pipeline would be left no denoising step
+    (
+        "no-denoising-step",
+        {
+            "prompt": "a",
+            "image": ("a.png", png(), "image/png"),
+            "num_inference_steps": "2",
+            "strength": "0.3",
+        },
+        400,
+        "strength",
+    ),
+    (
+        "no-denoising-step-at-the-default-strength",
+        {"prompt": "a", "image": ("a.png", png(), "image/png"), "num_inference_steps": "1"},
+        400,
+        "num_inference_steps",
+    ),
     (
         "oversize-upload",
         {"prompt": "a", "image": ("a.png", b"\x89PNG" + b"0" * (2 * 1024 * 1024), "image/png")},

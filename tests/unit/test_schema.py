@@ -274,3 +274,218 @@ def test_the_cost_view_agrees_with_strict_parsing_on_every_valid_request(body: d
         fields = {k: str(v) for k, v in body.items()} if as_text else body
         view = cost_view(fields)
         assert (view.n, view.width, view.height, view.steps) == (req.n, req.width, req.height, req.steps)
+
+
+# --- text and numbers as clients write them ---
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "user", "model"])
+def test_a_lone_surrogate_in_any_text_field_is_a_400_naming_it(field: str) -> None:
+    body = {"prompt": "a cat", "guidance_scale": 5, field: "a \ud800 cat"}
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation(body, LIMITS)
+    assert info.value.param == field and "surrogate" in info.value.message
+
+
+def test_a_lone_surrogate_in_an_edit_field_is_a_400_naming_it() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_edit({"prompt": "\udfff"}, {"image": [b"i"]}, LIMITS)
+    assert info.value.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("n", "\uff12"),  # full-width
+        ("n", "\u0662"),  # Arabic-Indic
+        ("n", "\u00b2"),  # superscript
+        ("n", "1_0"),
+        ("seed", "\u0664\u0662"),
+        ("num_inference_steps", "\uff11\uff10"),
+        ("strength", "\uff10.\uff15"),
+        ("strength", "\u0660.\u0665"),
+        ("guidance_scale", "5_0"),
+        ("size", "\uff16\uff14x\uff16\uff14"),
+        ("size", "\u0666\u0664x\u0666\u0664"),
+    ],
+)
+def test_numbers_in_form_fields_are_ascii_digits_only(field: str, text: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_edit({"prompt": "x", field: text}, {"image": [b"i"]}, LIMITS)
+    assert info.value.param == field
+
+
+def test_a_json_size_in_unicode_digits_is_refused() -> None:
+    for size in ("\uff16\uff14x\uff16\uff14", "\u0666\u0664x\u0666\u0664"):
+        with pytest.raises(InvalidRequest) as info:
+            parse_generation({"prompt": "x", "size": size}, LIMITS)
+        assert info.value.param == "size"
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "num_inference_steps"])
+def test_an_integer_past_pythons_digit_limit_is_a_400(field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_edit({"prompt": "x", field: "7" * 5000}, {"image": [b"i"]}, LIMITS)
+    assert info.value.param == field and len(info.value.message) < 200
+    with pytest.raises(InvalidRequest) as info:  # in JSON (below the limit json.loads keeps)
+        parse_generation({"prompt": "x", field: 7 * 10**4000}, LIMITS)
+    assert info.value.param == field and len(info.value.message) < 200
+
+
+@pytest.mark.parametrize("field", ["guidance_scale"])
+def test_an_integer_too_large_for_a_float_is_a_400(field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation({"prompt": "x", field: 10**400}, LIMITS)
+    assert info.value.param == field
+    with pytest.raises(InvalidRequest):
+        parse_edit({"prompt": "x", "strength": "1" * 400}, {"image": [b"i"]}, LIMITS)
+
+
+def test_ascii_numbers_in_form_fields_still_parse() -> None:
+    fields = {"prompt": "x", "n": " +2 ", "strength": ".5", "guidance_scale": "7.5e0", "seed": "007"}
+    req, _ = parse_edit(fields, {"image": [b"i"]}, LIMITS)
+    assert (req.n, req.strength, req.guidance, req.seed) == (2, 0.5, 7.5, 7)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u00b2",
+        "\uff12",
+        "\u0662",
+        "\u0661\u0660\u0662\u0664x\u0661\u0660\u0662\u0664",
+        "\uff11\uff10\uff12\uff14x\uff11\uff10\uff12\uff14",
+        "7" * 5000,
+        10**400,
+        "1" * 400,
+        [1],
+        {"a": 1},
+    ],
+)
+def test_the_cost_view_reads_unicode_digits_and_huge_numbers_as_unset(value: Any) -> None:
+    fields = {"n": value, "size": value, "num_inference_steps": value, "strength": value}
+    assert cost_view(fields) == CostView()
+
+
+def test_the_cost_view_of_something_that_is_not_an_object_is_the_default() -> None:
+    assert cost_view([1, 2]) == cost_view("x") == cost_view(None) == CostView()
+
+
+# --- OpenAI's moderation field ---
+
+
+@pytest.mark.parametrize("value", ["auto", "low"])
+def test_moderation_is_accepted_at_auto_and_low(value: str) -> None:
+    assert parse_generation({"prompt": "x", "moderation": value}, LIMITS).prompt == "x"
+
+
+@pytest.mark.parametrize("value", ["high", "", 1, None, True])
+def test_other_moderation_values_are_refused(value: Any) -> None:
+    if value is None:  # JSON null means "not given"
+        parse_generation({"prompt": "x", "moderation": value}, LIMITS)
+        return
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation({"prompt": "x", "moderation": value}, LIMITS)
+    assert info.value.param == "moderation"
+
+
+def test_style_stays_an_unknown_parameter() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation({"prompt": "x", "style": "vivid"}, LIMITS)
+    assert info.value.code == "unknown_parameter"
+
+
+# --- an edit must leave a denoising step ---
+
+
+def edit(steps: int, strength: str | None) -> ImageRequest:
+    fields = {"prompt": "x", "num_inference_steps": str(steps)}
+    if strength is not None:
+        fields["strength"] = strength
+    req, _ = parse_edit(fields, {"image": [b"i"]}, LIMITS)
+    return resolve_defaults(req, DEFAULTS, LIMITS, image_size=(64, 64))
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "pipeline_strength", "param"),
+    [
+        (2, "0.3", 0.8, "strength"),
+        (4, "0.2", None, "strength"),
+        (3, "0.33", 1.0, "strength"),
+        (1, None, 0.8, "num_inference_steps"),
+    ],
+)
+def test_an_edit_that_leaves_no_denoising_step_is_a_400_naming_both(
+    steps: int, strength: str | None, pipeline_strength: float | None, param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        schema.check_denoising_steps(edit(steps, strength), pipeline_strength)
+    assert info.value.param == param
+    assert "num_inference_steps" in info.value.message and "strength" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "pipeline_strength"),
+    [(10, "0.1", 0.8), (2, "0.5", 0.8), (2, None, 0.8), (1, None, 1.0), (1, None, None), (1, "1", 0.3)],
+)
+def test_an_edit_with_a_denoising_step_left_passes(
+    steps: int, strength: str | None, pipeline_strength: float | None
+) -> None:
+    schema.check_denoising_steps(edit(steps, strength), pipeline_strength)
+
+
+# --- properties ---
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec=None)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+"""What ``json.loads`` can return (surrogates included: JSON's ``\\ud800`` escapes make them)."""
+FIELD_NAMES = st.sampled_from(sorted(schema.BY_NAME)) | st.text(max_size=8)
+NUMBERY_TEXT = st.one_of(
+    st.text(alphabet=st.characters(codec=None), max_size=12),
+    st.text(alphabet="0123456789+-.eExX _\u00b2\uff12\u0662", max_size=12),
+    st.integers().map(str),
+    st.floats().map(str),
+)
+
+
+@given(st.dictionaries(FIELD_NAMES, JSON_VALUES, max_size=6) | JSON_VALUES)
+def test_any_json_body_parses_or_is_a_clean_4xx(body: Any) -> None:
+    try:
+        parse_generation(body, LIMITS)
+    except (InvalidRequest, NotFound) as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        assert exc.param is None or isinstance(exc.param, str)
+
+
+@given(st.dictionaries(FIELD_NAMES, NUMBERY_TEXT, max_size=6))
+def test_any_edit_form_parses_or_is_a_clean_4xx(fields: dict[str, str]) -> None:
+    try:
+        parse_edit(fields, {"image": [b"i"]}, LIMITS)
+    except (InvalidRequest, NotFound) as exc:
+        assert 400 <= exc.status < 500 and exc.message
+
+
+@given(requests)
+def test_a_valid_body_parses_to_exactly_its_values(body: dict[str, Any]) -> None:
+    req = parse_generation(body, LIMITS)
+    assert req.prompt == body["prompt"] and req.n == body.get("n", 1)
+    assert req.steps == body.get("num_inference_steps") and req.seed == body.get("seed")
+    assert req.guidance == (None if "guidance_scale" not in body else float(body["guidance_scale"]))
+    assert (f"{req.width}x{req.height}" if req.size else None) == body.get("size")
+    # and the same request written as multipart text parses to the same values
+    fields = {k: repr(v) if isinstance(v, float) else str(v) for k, v in body.items()}
+    as_edit, _ = parse_edit(fields, {"image": [b"i"]}, LIMITS)
+    assert dataclasses.replace(as_edit, task="generate") == req
+
+
+@given(st.dictionaries(FIELD_NAMES, JSON_VALUES | NUMBERY_TEXT, max_size=6) | JSON_VALUES)
+def test_the_cost_view_never_raises(fields: Any) -> None:
+    view = cost_view(fields)
+    assert view.n >= 1 and (view.width is None) == (view.height is None)
