@@ -197,7 +197,7 @@ def capture(latents: torch.Tensor, row: int) -> Callable[[], torch.Tensor]:
         return lambda: copied
     pinned = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
     pinned.copy_(source, non_blocking=True)
-    done = torch.cuda.Event()
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
     done.record()
 
     def wait() -> torch.Tensor:

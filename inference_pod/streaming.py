@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -102,8 +103,9 @@ async def _stream(
     while True:
         if not ticket.done and not watch.changed.is_set():
             changed = asyncio.ensure_future(watch.changed.wait())
+            waiters: set[asyncio.Future[Any]] = {ticket.future, changed}
             try:
-                await asyncio.wait({ticket.future, changed}, timeout=service.poll_s)
+                await asyncio.wait(waiters, timeout=service.poll_s)
             finally:
                 changed.cancel()
         watch.changed.clear()
