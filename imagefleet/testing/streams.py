@@ -18,7 +18,8 @@ from imagefleet.sse import Event, Parser
 
 
 class EventStream:
-    """``POST path`` with a JSON body; iterate the events (and comments) as they arrive."""
+    """``POST path`` with a JSON body (sent at once); iterate the events (and comments) as they
+    arrive."""
 
     def __init__(
         self,
@@ -38,9 +39,22 @@ class EventStream:
             body=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **(headers or {})},
         )
-        self.response = self._conn.getresponse()
-        self.status = self.response.status
-        self.headers = dict(self.response.headers)
+        self._response: http.client.HTTPResponse | None = None
+
+    @property
+    def response(self) -> http.client.HTTPResponse:
+        """The response, waited for on first use (a pod sends nothing while the request queues)."""
+        if self._response is None:
+            self._response = self._conn.getresponse()
+        return self._response
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.response.headers)
 
     def __iter__(self) -> Iterator[Event]:
         parser = Parser()

@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from imagefleet.testing.routers import Held
 from imagefleet.testing.servers import wait_until
 from imagefleet.testing.streams import EventStream
 from tests.conftest import Pod, PodFactory
@@ -148,3 +149,16 @@ def test_a_partial_arrives_while_the_batch_runs_and_hanging_up_cancels_it(make_p
         assert pod.batches() == []  # still running: the partial was not held back until the end
         s.hang_up()
     wait_until(lambda: [b["status"] for b in pod.batches()] == ["cancelled"], 30, "the batch to stop")
+
+
+def test_a_queued_stream_whose_client_leaves_never_runs(make_pod: PodFactory) -> None:
+    pod = make_pod(max_batch_size=1)
+    pod.arm("stall", seconds=120)  # the first request holds the GPU
+    holder = Held(pod.url, num_inference_steps=STEPS).start()
+    wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the first batch to start")
+    with EventStream(pod.url, {"prompt": "queued", "stream": True, "partial_images": 2}) as queued:
+        wait_until(lambda: pod.load()["queued_samples"] == 1, 30, "the stream to queue")
+        queued.hang_up()
+    wait_until(lambda: pod.load()["queued_samples"] == 0, 30, "the queued sample to be dropped")
+    holder.hang_up()
+    wait_until(lambda: [b["status"] for b in pod.batches()] == ["cancelled"], 30, "the held batch to stop")
