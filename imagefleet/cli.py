@@ -5,7 +5,8 @@ Subcommands:
 * ``pod``    -- one inference pod: one model on one GPU (or the CPU);
 * ``router`` -- the router in front of pods (static list or Kubernetes discovery);
 * ``serve``  -- local mode: a router plus one pod process per GPU;
-* ``operator`` -- the Kubernetes operator (ImageGenerator resources to pods, router, status).
+* ``operator`` -- the Kubernetes operator (ImageGenerator resources to pods, router, status);
+* ``generate`` -- make images through a router (:mod:`imagefleet.generate`).
 
 Flags come from the settings dataclasses in :mod:`imagefleet.settings`; each flag may also be set
 with its ``IMAGEFLEET_<NAME>`` environment variable.
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from imagefleet import __version__, settings
+from imagefleet import __version__, generate, settings
 from imagefleet.settings import (
     OperatorSettings,
     PodSettings,
@@ -72,12 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "operator", help="run the Kubernetes operator (ImageGenerator resources to pods and a router)"
     )
     settings.add_arguments(operator, OperatorSettings, title="operator")
+    generate_cmd = sub.add_parser("generate", help="make images through a router, with a progress bar")
+    generate.add_arguments(generate_cmd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            return generate.main(args)
         if args.command == "pod":
             pod_settings = settings.load(PodSettings, args)
             _logging(pod_settings.log_level)

@@ -18,7 +18,7 @@ it. From that one table come:
 Adding a field is one row in :data:`FIELDS` (and its attribute on :class:`ImageRequest`, which a
 test keeps in step with the table), plus its use in the pod's worker. OpenAI fields that only make
 sense for OpenAI's own models are accepted only at values that describe what this server does
-anyway (``quality="auto"``, ``background="opaque"``, ``stream=false``, ``moderation="auto"``).
+anyway (``quality="auto"``, ``background="opaque"``, ``moderation="auto"``).
 
 Text must be valid Unicode (a JSON string may hold a lone UTF-16 surrogate, which no tokenizer
 takes), and numbers are written in ASCII digits only: Python's ``int`` and ``float`` also read
@@ -49,6 +49,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
 MAX_USER_CHARS = 256
+MAX_PARTIAL_IMAGES = 3
 _SIZE = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -218,7 +219,6 @@ class Field:
 EDIT: tuple[Task, ...] = ("edit",)
 GENERATE: tuple[Task, ...] = ("generate",)
 _CONST, _REQUIRED, _MODEL = DefaultFrom.CONSTANT, DefaultFrom.REQUIRED, DefaultFrom.MODEL
-_ANSWERS = "this server answers with complete images only"
 
 # fmt: off
 FIELDS: tuple[Field, ...] = (
@@ -253,8 +253,10 @@ FIELDS: tuple[Field, ...] = (
     Field("quality", Kind.TEXT, None, choices=("auto",),
           hint="use num_inference_steps to trade speed for quality"),
     Field("background", Kind.TEXT, None, choices=("auto", "opaque"), hint="this server produces opaque images"),
-    Field("stream", Kind.BOOLEAN, None, choices=(False,), hint=_ANSWERS),
-    Field("partial_images", Kind.INTEGER, None, choices=(0,), hint=_ANSWERS),
+    Field("stream", Kind.BOOLEAN, "stream", _CONST, False,
+          doc="`true`: server-sent events, as OpenAI's (see *Streaming*); needs `n = 1` and `b64_json`"),
+    Field("partial_images", Kind.INTEGER, "partial_images", _CONST, 0, lo=Const(0), hi=Const(MAX_PARTIAL_IMAGES),
+          doc="previews sent before the image while it is made; needs `stream: true`"),
     Field("moderation", Kind.TEXT, None, choices=("auto", "low"), tasks=GENERATE,
           hint="this server applies no content moderation of its own"),
 )
@@ -298,6 +300,8 @@ class ImageRequest:
     guidance: float | None
     seed: int | None
     strength: float | None
+    stream: bool = False
+    partial_images: int = 0
 
     @property
     def width(self) -> int | None:
@@ -360,10 +364,27 @@ def _negative_prompt_needs_guidance(values: Mapping[str, Any], limits: Limits) -
         )
 
 
+def _stream_is_one_b64_image(values: Mapping[str, Any], limits: Limits) -> None:
+    """A stream's events carry one image, in base64, and no index saying which of ``n`` it is."""
+    if values["partial_images"] and not values["stream"]:
+        raise InvalidRequest("partial_images needs stream: true.", param="partial_images")
+    if not values["stream"]:
+        return
+    if values["n"] != 1:
+        raise InvalidRequest(
+            "stream: true streams one image: its events do not say which of n images they belong to. "
+            "Send n requests with n=1 (seed, seed + 1, ... to get the images of one seed).",
+            param="n",
+        )
+    if values["response_format"] != "b64_json":
+        raise InvalidRequest("stream: true sends images as b64_json only.", param="response_format")
+
+
 RULES: tuple[Callable[[Mapping[str, Any], Limits], None], ...] = (
     _compression_needs_lossy_format,
     _model_is_served,
     _negative_prompt_needs_guidance,
+    _stream_is_one_b64_image,
 )
 """Checks across fields, run after every field parsed on its own."""
 
@@ -810,7 +831,7 @@ def _allowed_text(f: Field) -> str:
 
 def _default_text(f: Field) -> str:
     if f.default is DefaultFrom.CONSTANT:
-        return f"`{f.value}`"
+        return f"`{str(f.value).lower() if isinstance(f.value, bool) else f.value}`"
     if f.default is DefaultFrom.IMAGE_OR_MODEL:
         return f"the model's (`{flag_name(f.setting or '')}`); edits: the image's"
     if f.default is DefaultFrom.MODEL:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from imagefleet.httpkit import Handler, error_middleware
 from imagefleet.httpkit import serve as serve_app
-from imagefleet.inference_pod import faults, models, reports, telemetry, worker
+from imagefleet.inference_pod import faults, models, previews, reports, telemetry, worker
 from imagefleet.inference_pod.files import FileStore
 from imagefleet.inference_pod.routes import setup_routes
 from imagefleet.inference_pod.scheduler import Scheduler
@@ -105,9 +105,14 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
         return
     limits = Limits.from_settings(settings, model=info.id, size_multiple=info.size_multiple)
     run_batch = functools.partial(worker.execute, model)
+    watches = previews.Watches()
+    decoder = await asyncio.get_running_loop().run_in_executor(
+        rt.gpu, previews.decoder_for, info.family, model.text2img
+    )
+    served = previews.wrap(run_batch, previews.PreviewTap(watches, decoder, rt.cpu))
     scheduler = Scheduler.from_settings(
         settings,
-        run_batch=faults.wrap(run_batch, rt.faults) if rt.faults else run_batch,
+        run_batch=faults.wrap(served, rt.faults) if rt.faults else served,
         gpu=rt.gpu,
         cpu=rt.cpu,
         counters=rt.counters,
@@ -116,7 +121,9 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
     if settings.warmup:
         await warm_up(scheduler, run_batch, rt.gpu, defaults, settings.max_batch_size)
     scheduler.start()
-    service = ImageService(info=info, defaults=defaults, limits=limits, scheduler=scheduler, cpu=rt.cpu)
+    service = ImageService(
+        info=info, defaults=defaults, limits=limits, scheduler=scheduler, cpu=rt.cpu, watches=watches
+    )
     rt.status = Serving(model=model, defaults=defaults, limits=limits, scheduler=scheduler, service=service)
     log.info("Ready: %s on %s, max batch %d", info.id, info.device, settings.max_batch_size)
 

@@ -43,24 +43,26 @@ class InjectedInputError(BatchFault, ValueError):
 class Fault:
     kind: str
     """"runtime": a device fault; "input": the pipeline raises on its input; "oom": CUDA
-    out-of-memory; "stall": a slow first step."""
+    out-of-memory; "stall": a slow step."""
     min_batch: int = 1
     seconds: float = 0.0
+    step: int = 0
+    """The denoising step (from 0) at which it strikes."""
 
 
 class FaultPlan:
     """The armed faults: the next ``count`` pipeline calls of at least ``min_batch`` samples fail
-    (``runtime``, ``input``, ``oom``) or stall for ``seconds`` at their first step (``stall``)."""
+    (``runtime``, ``input``, ``oom``) or stall for ``seconds`` (``stall``) at their step ``step``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[Fault] = []
 
-    def arm(self, kind: str, count: int, min_batch: int = 1, seconds: float = 0.0) -> None:
+    def arm(self, kind: str, count: int, min_batch: int = 1, seconds: float = 0.0, step: int = 0) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}")
         with self._lock:
-            self._pending.extend([Fault(kind, min_batch, seconds)] * count)
+            self._pending.extend([Fault(kind, min_batch, seconds, step)] * count)
 
     def clear(self) -> None:
         with self._lock:
@@ -76,18 +78,21 @@ class FaultPlan:
 
 
 class _Hook:
-    """One batch's step hook: at the first step of each pipeline call, act out an armed fault."""
+    """One batch's step hook: at the first step of each pipeline call, take an armed fault; act it
+    out at its step."""
 
     def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
         self.stalled = False
+        self.fault: Fault | None = None
 
     def __call__(self, run: BatchRun, step: int, samples: int) -> None:
-        if step != 0:
+        if step == 0:
+            self.fault = self.plan.take(samples)
+        fault = self.fault
+        if fault is None or step != fault.step:
             return
-        fault = self.plan.take(samples)
-        if fault is None:
-            return
+        self.fault = None
         if fault.kind == "stall":
             self.stalled = True
             run.stop.wait(fault.seconds)
@@ -119,16 +124,18 @@ def arm_from_json(plan: FaultPlan, body: Any) -> dict[str, Any]:
     if not isinstance(body, Mapping):
         raise InvalidRequest("Expected a JSON object.")
     kind, count, min_batch = body.get("kind", "runtime"), body.get("count", 1), body.get("min_batch", 1)
-    seconds = body.get("seconds", 0.0)
+    seconds, step = body.get("seconds", 0.0), body.get("step", 0)
     if not isinstance(count, int) or not isinstance(min_batch, int) or count < 0:
         raise InvalidRequest("count and min_batch must be non-negative integers.")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InvalidRequest("step must be a non-negative integer.", param="step")
     if not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_STALL_S:
         raise InvalidRequest(f"seconds must be a number between 0 and {MAX_STALL_S}.", param="seconds")
     try:
         if count == 0:
             plan.clear()
         else:
-            plan.arm(str(kind), count, min_batch, float(seconds))
+            plan.arm(str(kind), count, min_batch, float(seconds), step)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="kind") from None
     return {"armed": count, "kind": kind}

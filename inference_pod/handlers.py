@@ -2,7 +2,7 @@
 
 Everything else lives elsewhere: field rules in :mod:`imagefleet.schema`, multipart reading in
 :mod:`.forms`, support checks, defaults and waiting in :mod:`.service`, rendering in
-:mod:`.responses`, what the pod reports in :mod:`.reports`.
+:mod:`.responses` (streamed answers in :mod:`.streaming`), what the pod reports in :mod:`.reports`.
 """
 
 from __future__ import annotations
@@ -12,27 +12,34 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagefleet.errors import NotFound
 from imagefleet.httpkit import json_response, read_json, require_content_type
-from imagefleet.inference_pod import faults, forms, reports, responses
+from imagefleet.inference_pod import faults, forms, reports, responses, streaming
 from imagefleet.inference_pod.phase import PodPhase
 from imagefleet.inference_pod.service import Gone
 from imagefleet.inference_pod.state import METRICS, RUNTIME, Serving
 from imagefleet.schema import parse_edit, parse_generation
 
 
-async def generations(request: web.Request) -> web.Response:
+async def generations(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     body = await read_json(request)
     service = rt.service()
-    result = await service.generate(parse_generation(body, service.limits), client_gone(request))
+    req = parse_generation(body, service.limits)
+    if req.stream:
+        accepted = await service.accept_generate(req)
+        return await streaming.respond(request, service, accepted, client_gone(request))
+    result = await service.generate(req, client_gone(request))
     return await responses.images_response(request, result, rt.files, rt.cpu)
 
 
-async def edits(request: web.Request) -> web.Response:
+async def edits(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     require_content_type(request, "multipart/form-data")
     fields, files = await forms.read_form(request, rt.settings.max_body_bytes)
     service = rt.service()
     req, uploads = parse_edit(fields, files, service.limits)
+    if req.stream:
+        accepted = await service.accept_edit(req, uploads)
+        return await streaming.respond(request, service, accepted, client_gone(request))
     result = await service.edit(req, uploads, client_gone(request))
     return await responses.images_response(request, result, rt.files, rt.cpu)
 

@@ -14,7 +14,8 @@ loop never waits on torch. A batch:
 * checks every image for NaNs (a broken device, or a numerically broken step): such a sample
   fails as the device's fault;
 * calls the run's step hooks after every denoising step (the fault-injection test hook of
-  :mod:`.faults` is one); the worker itself knows nothing of what they do.
+  :mod:`.faults` is one), then its latent hooks with the step's latents (the partial-image tap of
+  :mod:`.previews`); the worker itself knows nothing of what they do.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class SampleFailed(Exception):
 StepHook = Callable[["BatchRun", int, int], None]
 """Called on the GPU thread after each denoising step: (run, step index, samples in this call)."""
 
+LatentHook = Callable[["BatchRun", int, int, list[Sample], Any], None]
+"""Called on the GPU thread after each denoising step: (run, steps done, steps this call runs (an
+edit runs ``strength`` of them), the samples of this call, their latents: one row per sample, or
+None where the pipeline passes none)."""
+
 
 @dataclass
 class BatchRun:
@@ -103,6 +109,7 @@ class BatchRun:
     started_at: float = 0.0
     """When the batch loop handed it to the GPU thread (the loop's clock)."""
     hooks: list[StepHook] = field(default_factory=list)
+    latent_hooks: list[LatentHook] = field(default_factory=list)
 
 
 @dataclass
@@ -204,10 +211,14 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
     run.steps_done = 0
     run.steps_total = key.steps
 
-    def on_step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    def on_step_end(pipe_: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         run.steps_done = step + 1
         for hook in run.hooks:
             hook(run, step, len(samples))
+        if run.latent_hooks:
+            runs = int(getattr(pipe_, "_num_timesteps", None) or key.steps)
+            for latent_hook in run.latent_hooks:
+                latent_hook(run, step + 1, runs, samples, tensors.get("latents"))
         if run.stop.is_set():
             raise BatchCancelled()
         return tensors

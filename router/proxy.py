@@ -11,7 +11,9 @@ sent is lost because one pod died. An attempt ends in one of four ways:
   this is cheap and not bounded by ``max_attempts``); if none has room, the client gets the 429
   with the smallest Retry-After seen.
 * **anything else** -- the pod's answer, streamed to the client as it arrives (2xx, and also 4xx
-  and 5xx: a request the pod rejects would be rejected by every pod).
+  and 5xx: a request the pod rejects would be rejected by every pod). A streamed image
+  (``stream: true``, server-sent events without a length) is relayed chunk by chunk as the pod
+  writes it, never gathered first; once its first byte has gone to the client it is not retried.
 
 ``request_timeout_s`` bounds the whole exchange; past it the client gets 504 in OpenAI's
 envelope and the upstream connection is closed, which the pod takes as a cancellation. A client
@@ -49,6 +51,7 @@ PASSED_RESPONSE_HEADERS = (
     "Cache-Control",
     "ETag",
     "Last-Modified",
+    "X-Accel-Buffering",
 )
 
 

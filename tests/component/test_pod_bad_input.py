@@ -99,8 +99,11 @@ JSON_CASES: list[tuple[str, Any, int, str | None]] = [
     ("style-not-honoured", {"prompt": "a", "style": "vivid"}, 400, "style"),
     ("quality-not-honoured", {"prompt": "a", "quality": "hd"}, 400, "quality"),
     ("background-not-honoured", {"prompt": "a", "background": "transparent"}, 400, "background"),
-    ("stream-not-honoured", {"prompt": "a", "stream": True}, 400, "stream"),
-    ("partial-images-not-honoured", {"prompt": "a", "partial_images": 2}, 400, "partial_images"),
+    ("stream-string", {"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("stream-n-2", {"prompt": "a", "stream": True, "n": 2}, 400, "n"),
+    ("stream-url", {"prompt": "a", "stream": True, "response_format": "url"}, 400, "response_format"),
+    ("partial-images-without-stream", {"prompt": "a", "partial_images": 2}, 400, "partial_images"),
+    ("partial-images-4", {"prompt": "a", "stream": True, "partial_images": 4}, 400, "partial_images"),
     ("user-int", {"prompt": "a", "user": 123}, 400, "user"),
     # a lone UTF-16 surrogate is valid JSON ("\ud800") but no text: it would fail its whole batch
     ("prompt-lone-surrogate", {"prompt": "a \ud800 cat"}, 400, "prompt"),

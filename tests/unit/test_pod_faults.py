@@ -88,3 +88,26 @@ def test_debug_routes_exist_only_with_the_hook_on(hook: bool) -> None:
     paths = {r.canonical for r in app.router.resources()}
     assert ("/debug/faults" in paths) is hook and ("/debug/batches" in paths) is hook
     assert "/v1/images/generations" in paths
+
+
+def test_a_fault_strikes_at_its_step_and_not_before() -> None:
+    plan = faults.FaultPlan()
+    plan.arm("runtime", 1, step=2)
+    reached: list[int] = []
+
+    def runner(run: BatchRun) -> Outcome:
+        for step in range(run.key.steps):
+            for hook in run.hooks:
+                hook(run, step, len(run.samples))
+            reached.append(step)
+        return Outcome(results=[object()])
+
+    with pytest.raises(faults.InjectedFault):
+        faults.wrap(runner, plan)(batch(1))
+    assert reached == [0, 1]
+
+
+def test_the_step_of_a_fault_must_be_a_non_negative_integer() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        faults.arm_from_json(faults.FaultPlan(), {"kind": "stall", "step": -1})
+    assert info.value.param == "step"

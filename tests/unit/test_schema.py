@@ -147,7 +147,7 @@ def test_unknown_model_is_not_found() -> None:
 
 def test_no_op_openai_fields_are_only_accepted_at_values_that_hold() -> None:
     parse_generation({"prompt": "x", "quality": "auto", "partial_images": 0}, LIMITS)
-    for field, value in [("quality", "high"), ("partial_images", 1), ("background", "transparent")]:
+    for field, value in [("quality", "high"), ("background", "transparent")]:
         with pytest.raises(InvalidRequest) as info:
             parse_generation({"prompt": "x", field: value}, LIMITS)
         assert info.value.code == "unsupported_parameter"
@@ -489,3 +489,28 @@ def test_a_valid_body_parses_to_exactly_its_values(body: dict[str, Any]) -> None
 def test_the_cost_view_never_raises(fields: Any) -> None:
     view = cost_view(fields)
     assert view.n >= 1 and (view.width is None) == (view.height is None)
+
+def test_stream_and_partial_images_parse_from_json_and_forms() -> None:
+    req = parse_generation({"prompt": "x", "stream": True, "partial_images": 3}, LIMITS)
+    assert (req.stream, req.partial_images) == (True, 3)
+    plain = parse_generation({"prompt": "x"}, LIMITS)
+    assert (plain.stream, plain.partial_images) == (False, 0)
+    edit, _ = parse_edit({"prompt": "x", "stream": "true", "partial_images": "2"}, {"image": [b"i"]}, LIMITS)
+    assert (edit.stream, edit.partial_images) == (True, 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"partial_images": 1}, "partial_images"),  # previews only exist in a stream
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"stream": True, "partial_images": -1}, "partial_images"),
+        ({"stream": True, "n": 2}, "n"),  # the events carry no image index
+        ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"stream": "yes"}, "stream"),
+    ],
+)
+def test_stream_rules_name_the_parameter(body: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_generation({"prompt": "x", **body}, LIMITS)
+    assert info.value.param == param and info.value.status == 400

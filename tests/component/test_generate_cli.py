@@ -1,0 +1,119 @@
+"""``imagefleet generate`` run as a user runs it (a subprocess) against ``imagefleet serve``."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from imagefleet.testing.servers import free_port, wait_until
+from tests.conftest import PodFactory
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def router_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = ["--model", "tiny", "--port", str(port), "--gpus", "none", "--pod-base-port", str(free_port())]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagefleet", "serve", *args, "--api-keys", KEY],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    try:
+        ready = lambda: "imagefleet is ready" in log.read_text(errors="replace") or proc.poll() is not None  # noqa: E731
+        wait_until(ready, 180, "the banner")
+        assert proc.poll() is None, log.read_text(errors="replace")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def generate(
+    *args: str, key: str | None = KEY, variable: str = "IMAGEFLEET_API_KEY"
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGEFLEET_API_KEY", "OPENAI_API_KEY")}
+    if key is not None:
+        env[variable] = key
+    return subprocess.run(
+        [sys.executable, "-m", "imagefleet", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagefleet generate: "), result.stderr
+    return lines[0]
+
+
+def test_n_images_are_written_by_seed_and_are_the_apis_images(router_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = generate("a lighthouse at dusk", "-n", "2", "--size", "64x64", "--seed", "100", "-o", str(out),
+                      "--url", router_url)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    paths = [out / "100.png", out / "101.png"]
+    assert result.stdout.split() == [str(p) for p in paths]
+    client = openai.OpenAI(base_url=router_url + "/v1", api_key=KEY, max_retries=0)
+    same = client.images.generate(prompt="a lighthouse at dusk", n=2, size="64x64", extra_body={"seed": 100})
+    for path, item in zip(paths, same.data or [], strict=True):
+        assert Image.open(path).size == (64, 64)
+        assert path.read_bytes() == base64.b64decode(item.b64_json or "")
+
+
+def test_the_key_may_come_from_openai_api_key_or_the_flag(router_url: str, tmp_path: Path) -> None:
+    flag = generate("x", "--size", "64x64", "--seed", "1", "-o", str(tmp_path), "--url", router_url,
+                    "--api-key", KEY, key=None)  # fmt: skip
+    assert flag.returncode == 0, flag.stderr
+    variable = generate("x", "--size", "64x64", "--seed", "2", "-o", str(tmp_path), "--url", router_url,
+                        variable="OPENAI_API_KEY")  # fmt: skip
+    assert variable.returncode == 0, variable.stderr
+    assert (tmp_path / "1.png").exists() and (tmp_path / "2.png").exists()
+
+
+def test_a_wrong_key_is_one_line_401(router_url: str, tmp_path: Path) -> None:
+    line = one_line_error(generate("x", "-o", str(tmp_path), "--url", router_url, key="wrong"))
+    assert "401" in line and "API key" in line
+
+
+def test_a_bad_size_is_one_line_400(router_url: str, tmp_path: Path) -> None:
+    line = one_line_error(generate("x", "--size", "65x64", "-o", str(tmp_path), "--url", router_url))
+    assert "400" in line and "65x64" in line
+
+
+def test_nothing_listening_is_one_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    line = one_line_error(generate("x", "-o", str(tmp_path), "--url", url))
+    assert f"cannot reach {url}: connection refused" in line
+
+
+def test_a_full_queue_is_one_line_429(make_pod: PodFactory, tmp_path: Path) -> None:
+    pod = make_pod(max_queued_images=1, max_images_per_request=1, max_batch_size=1)
+    pod.arm("stall", seconds=60)  # the first image holds the GPU; one waits; the third finds no room
+    line = one_line_error(generate("x", "-n", "3", "-o", str(tmp_path), "--url", pod.url))
+    assert "429" in line and "retry after" in line
+
+
+def test_a_failed_gpu_is_one_line_503(make_pod: PodFactory, tmp_path: Path) -> None:
+    pod = make_pod()
+    pod.arm("runtime")
+    line = one_line_error(generate("x", "-o", str(tmp_path), "--url", pod.url))
+    assert "503" in line
