@@ -23,7 +23,12 @@ def load_report(rt: PodRuntime) -> LoadReport:
     phase = rt.phase()
     status = rt.status
     if not isinstance(status, Serving):
-        return LoadReport(model=rt.settings.model, ready=False, max_batch_size=rt.settings.max_batch_size)
+        return LoadReport(
+            model=rt.settings.model,
+            ready=False,
+            max_batch_size=rt.settings.max_batch_size,
+            instance_id=rt.settings.instance_id,
+        )
     snap = status.scheduler.snapshot()
     width, height = status.defaults.size
     return LoadReport(
@@ -43,6 +48,7 @@ def load_report(rt: PodRuntime) -> LoadReport:
         default_height=height,
         completed_images=rt.counters.images[m.OUTCOME_COMPLETED],
         limits=status.limits.to_json(),
+        instance_id=rt.settings.instance_id,
     )
 
 
