@@ -332,6 +332,17 @@ class OperatorSettings:
     pod_fault_injection: bool = setting(
         False, "start inference pods with the /debug/faults test hook (tests only, never in production)"
     )
+    network_policy: bool = setting(
+        True,
+        "give each resource a NetworkPolicy: only its routers, this operator's pods and "
+        "--metrics-namespaces may reach its inference pods (which trust their network)",
+    )
+    operator_namespace: str | None = setting(
+        None, "namespace of the operator's own pods, let through the NetworkPolicy (default: POD_NAMESPACE)"
+    )
+    metrics_namespaces: tuple[str, ...] = setting(
+        (), "namespaces whose pods may scrape the inference pods, e.g. Prometheus', comma separated"
+    )
     health_port: int = setting(
         8080, "port of the operator's /healthz (liveness) endpoint; 0 turns it off", minimum=0, maximum=65535
     )
