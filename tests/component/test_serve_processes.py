@@ -150,3 +150,16 @@ def test_a_quarantined_pod_is_replaced_by_the_supervisor(serve: Serve) -> None:
     assert not alive(pod_pid)
     assert generate(served.url).status == 200
     assert "replaced" in served.output()
+
+
+def test_prompts_are_not_logged_even_at_debug_level(serve: Serve) -> None:
+    served = serve.ready(serve.start("--log-level", "debug"))
+    secret = "a-private-prompt-7f3a9c"
+    assert generate(served.url, prompt=secret).status == 200
+    refused = generate(served.url, prompt=secret + "-refused", n=1000)
+    assert refused.status == 400, refused.body
+    broken = call("POST", served.url + "/v1/images/generations", {"prompt": secret, "size": "huge"})
+    assert broken.status == 400, broken.body
+    out = served.output()
+    assert "DEBUG" in out  # the level took effect: there was something to leak into
+    assert secret not in out
