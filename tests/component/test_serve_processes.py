@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from imagefleet.testing.processes import alive, children
 from imagefleet.testing.routers import RouterThread, call, generate, router_settings
 from imagefleet.testing.servers import PodProcess, free_port, get_json, wait_until
-from tests.component.test_serve import Served, alive, children
+from tests.component.test_serve import Served
 
 START_S = 180.0
 
