@@ -481,7 +481,7 @@ def test_cluster_wide_rbac_is_least_privilege(tools: Any, namespace: str, crds: 
             assert not _can_i(tools, who, "create", "imagegenerators.imagefleet.dev", "-n", elsewhere)
             assert _can_i(tools, who, "create", "networkpolicies.networking.k8s.io", "-n", elsewhere)
             assert not _can_i(tools, who, "delete", "networkpolicies.networking.k8s.io", "-n", elsewhere)
-            assert not _can_i(tools, who, "create", "pods/exec", "-n", elsewhere)
+            assert not _can_i(tools, who, "create", "pods", "--subresource=exec", "-n", elsewhere)
             assert not _can_i(tools, who, "delete", "imagegenerators.imagefleet.dev", "-n", elsewhere)
         assert not _can_i(tools, who, "list", "secrets", "--all-namespaces")
         assert not _can_i(tools, who, "get", "secrets", "-n", namespace)
