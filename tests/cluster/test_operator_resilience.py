@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from imagefleet import wire
+from imagefleet import metrics, wire
 from imagefleet.devcluster.controlplane import ControlPlane
-from imagefleet.testing.routers import Held, generate, pod_busy
+from imagefleet.testing.routers import Held, generate, pod_busy, scrape
 from imagefleet.testing.wait import until
 from tests.cluster.conftest import Tools
 from tests.cluster.test_operator import Generator, Traffic
@@ -31,6 +31,7 @@ START_S = 120.0
 APISERVER_DOWN_S = 30.0
 LONG = {"size": "256x256", "num_inference_steps": 60}
 """A request that keeps a tiny pod's batch running for a while (the CPU is shared)."""
+MEDIUM = {"size": "128x128", "num_inference_steps": 40}
 
 
 class OperatorProcess:
@@ -226,7 +227,7 @@ def test_a_pod_sigkilled_mid_batch_loses_no_request(
     generator.apply(replicas=2)
     generator.wait_serving(2)
     url = generator.router_url()
-    held = [Held(url, **LONG).start() for _ in range(4)]
+    held = [Held(url, **MEDIUM).start() for _ in range(3)]
     pods = {f"http://{p.status.pod_ip}:8001": p for p in generator.pods()}
 
     def busy() -> Any:
@@ -237,6 +238,7 @@ def test_a_pod_sigkilled_mid_batch_loses_no_request(
     for h in held:
         assert h.wait(300) == 200, h.error
     assert all(h.error is None for h in held)
+    assert scrape(url).value(metrics.ROUTER_RETRIES + "_total", reason="unreachable") >= 1  # it was retried
     assert generate(url, size="64x64").status == 200
 
 
