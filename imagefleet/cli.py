@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     settings.add_arguments(
-        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb")
+        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb", "instance_id")
     )
     operator = sub.add_parser(
         "operator", help="run the Kubernetes operator (ImageGenerator resources to pods and a router)"

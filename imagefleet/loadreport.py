@@ -53,6 +53,8 @@ class LoadReport:
     default_height: int = 1024
     completed_images: int = 0
     limits: dict[str, Any] = field(default_factory=dict)
+    instance_id: str = ""
+    """The identity the pod was started with (``--instance-id``; empty when none was given)."""
 
     @property
     def expected_wait_seconds(self) -> float:

@@ -162,6 +162,11 @@ class PodSettings:
         minimum=1,
     )
     fault_injection: bool = setting(False, "enable the /debug/faults test hook (never in production)")
+    instance_id: str = setting(
+        "",
+        "identity reported in the load report; a router that expects another one ignores this pod "
+        "(local mode sets one per pod)",
+    )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -217,7 +222,11 @@ class RouterSettings:
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")
     discovery: str = setting("static", "where backends come from", choices=("static", "kubernetes"))
-    backends: tuple[str, ...] = setting((), "static backends, comma separated base URLs")
+    backends: tuple[str, ...] = setting(
+        (),
+        "static backends, comma separated base URLs; `URL#ID` adopts the backend only while its load "
+        "report names instance ID",
+    )
     namespace: str = setting("default", "Kubernetes namespace of the pods (discovery=kubernetes)")
     selector: str = setting("", "label selector of the pods (discovery=kubernetes)")
     backend_port: int = setting(8001, "port the pods listen on (discovery=kubernetes)")
@@ -267,11 +276,15 @@ class ServeSettings:
     gpus: str = setting("all", "GPUs to use: all, none, or a comma separated list such as 0,1")
     pod_base_port: int = setting(8101, "first port of the pod processes (one per GPU)")
     restart_backoff_s: float = setting(1.0, "pause before a crashed pod process is restarted")
+    health_interval_s: float = setting(
+        1.0, "how often each pod's load report is read; a quarantined pod is replaced", minimum=0.05
+    )
     cpu_pods: int = setting(
         1, "pod processes to run when no GPU is used (CPU demos, tests, benchmark smoke runs)"
     )
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _positive(self, "pod_base_port", "cpu_pods")
 
 
@@ -335,6 +348,17 @@ class OperatorSettings:
     )
     pod_fault_injection: bool = setting(
         False, "start inference pods with the /debug/faults test hook (tests only, never in production)"
+    )
+    network_policy: bool = setting(
+        True,
+        "give each resource a NetworkPolicy: only its routers, this operator's pods and "
+        "--metrics-namespaces may reach its inference pods (which trust their network)",
+    )
+    operator_namespace: str | None = setting(
+        None, "namespace of the operator's own pods, let through the NetworkPolicy (default: POD_NAMESPACE)"
+    )
+    metrics_namespaces: tuple[str, ...] = setting(
+        (), "namespaces whose pods may scrape the inference pods, e.g. Prometheus', comma separated"
     )
     health_port: int = setting(
         8080, "port of the operator's /healthz (liveness) endpoint; 0 turns it off", minimum=0, maximum=65535

@@ -28,6 +28,7 @@ def load_report(rt: PodRuntime) -> LoadReport:
             ready=False,
             phase=phase.value,
             max_batch_size=rt.settings.max_batch_size,
+            instance_id=rt.settings.instance_id,
         )
     snap = status.scheduler.snapshot()
     width, height = status.defaults.size
@@ -49,6 +50,7 @@ def load_report(rt: PodRuntime) -> LoadReport:
         default_height=height,
         completed_images=rt.counters.images[m.OUTCOME_COMPLETED],
         limits=status.limits.to_json(),
+        instance_id=rt.settings.instance_id,
     )
 
 

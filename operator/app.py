@@ -10,6 +10,8 @@ for another to take over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 
 import kopf
 
@@ -24,6 +26,8 @@ def run(settings: OperatorSettings) -> int:
     # An asyncio.Event, set on kopf's loop (the Lease callbacks run there): a threading.Event
     # would be awaited on an executor thread that outlives a SIGTERM and blocks the exit.
     stop = asyncio.Event()
+    if settings.operator_namespace is None:  # in a pod: the Downward API says where (the chart sets it)
+        settings = dataclasses.replace(settings, operator_namespace=os.environ.get("POD_NAMESPACE") or None)
     registry, parts = build_registry(settings, on_lost=stop.set)
     kopf.run(
         registry=registry,

@@ -13,7 +13,11 @@ Objects of one generator ``g``:
 * ``g-router`` Deployment + Service, ServiceAccount, Role and RoleBinding (list/watch pods in
   this namespace, nothing else);
 * ``g-config``: a ConfigMap with the settings the pods and routers were rendered from;
-* ``g-pods`` PodDisruptionBudget: at most one inference pod voluntarily disrupted at a time.
+* ``g-pods`` PodDisruptionBudget: at most one inference pod voluntarily disrupted at a time;
+* ``g-pods`` NetworkPolicy (unless ``--no-network-policy``): the inference pods' port is open to
+  the generator's routers, the operator's pods (it scrapes them) and the pods of
+  ``--metrics-namespaces`` only. Inference pods have no authentication of their own: they trust
+  whoever reaches them, so this policy is what keeps everyone else from going around the router.
 """
 
 from __future__ import annotations
@@ -299,6 +303,41 @@ def disruption_budget(g: GeneratorSpec) -> Manifest:
     }
 
 
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+"""Set by the API server on every namespace: a namespaceSelector by name."""
+
+
+def network_policy(g: GeneratorSpec, operator: OperatorSettings) -> Manifest:
+    """Who may reach the inference pods: the generator's routers, the operator, metrics scrapers."""
+    peers: list[dict[str, Any]] = [{"podSelector": {"matchLabels": _router_labels(g)}}]
+    if operator.operator_namespace:
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator.operator_namespace}},
+                "podSelector": {
+                    "matchLabels": {
+                        wire.LABEL_PART_OF: wire.APP_NAME,
+                        wire.LABEL_COMPONENT: wire.COMPONENT_OPERATOR,
+                    }
+                },
+            }
+        )
+    peers += [
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}}}
+        for ns in operator.metrics_namespaces
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(g, pods_service_name(g), wire.COMPONENT_POD),
+        "spec": {
+            "podSelector": {"matchLabels": wire.pod_selector(g.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"port": g.pod.port, "protocol": "TCP"}]}],
+        },
+    }
+
+
 def router_service_account(g: GeneratorSpec) -> Manifest:
     return {
         "apiVersion": "v1",
@@ -416,8 +455,10 @@ def router_service(g: GeneratorSpec) -> Manifest:
 
 def shared_objects(g: GeneratorSpec, operator: OperatorSettings) -> list[Manifest]:
     """Every object of the generator except the inference pods, in an order that applies cleanly."""
+    policy = [network_policy(g, operator)] if operator.network_policy else []
     return [
         settings_config_map(g),
+        *policy,
         pods_service(g),
         disruption_budget(g),
         router_service_account(g),

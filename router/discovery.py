@@ -5,6 +5,8 @@ change, by calling ``on_change`` on the event loop. The router does not care whe
 from; it diffs each snapshot against what it knows (see :mod:`.poller`).
 
 * :class:`StaticDiscovery` -- a fixed list of base URLs (local mode, or a router placed by hand).
+  ``URL#ID`` also names the instance expected there: a process on that port whose load report
+  names another instance (an orphan of an earlier run, someone else's server) is not adopted.
 * :class:`KubernetesDiscovery` -- the pods of one ImageGenerator, found by label selector in one
   namespace. The official ``kubernetes`` client is synchronous, so list-then-watch runs on a
   daemon thread and hands snapshots to the loop with ``call_soon_threadsafe``. Every watch event
@@ -43,6 +45,12 @@ class Backend:
 
     name: str
     url: str
+    instance_id: str = ""
+    """The instance its load report must name; empty: any."""
+
+    def owns(self, reported_instance_id: str) -> bool:
+        """Whether a load report naming ``reported_instance_id`` comes from this backend."""
+        return not self.instance_id or reported_instance_id == self.instance_id
 
     @property
     def key(self) -> str:
@@ -66,15 +74,17 @@ class Discovery(Protocol):
 
 
 def static_backends(urls: Iterable[str]) -> dict[str, Backend]:
-    """Base URLs (``host:port`` is read as ``http://host:port``) -> backends named by URL."""
+    """Base URLs (``host:port`` is read as ``http://host:port``; ``URL#ID`` expects instance ID)
+    -> backends named by URL."""
     out: dict[str, Backend] = {}
     for raw in urls:
-        url = raw.strip().rstrip("/")
+        text, _, instance_id = raw.strip().partition("#")
+        url = text.rstrip("/")
         if not url:
             continue
         if "://" not in url:
             url = "http://" + url
-        out[url] = Backend(name=url, url=url)
+        out[url] = Backend(name=url, url=url, instance_id=instance_id)
     return out
 
 

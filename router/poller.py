@@ -28,6 +28,13 @@ POLL_TIMEOUT_S = 2.0
 JITTER = 0.1
 
 
+class ForeignBackend(Exception):
+    """The process answering at a backend's URL is another instance than the one expected there."""
+
+    def __init__(self, reported: str, expected: str) -> None:
+        super().__init__(f"it reports instance {reported or '(none)'!r}, expected {expected!r}")
+
+
 class Poller:
     def __init__(self, view: LoadView, session: aiohttp.ClientSession, interval_s: float) -> None:
         self.view = view
@@ -69,11 +76,16 @@ class Poller:
                 if response.status != 200:
                     raise ValueError(f"status {response.status}")
                 report = LoadReport.from_json(await response.json())
+            if not view.backend.owns(report.instance_id):
+                raise ForeignBackend(report.instance_id, view.backend.instance_id)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # unreachable, timed out, not a load report: a failed probe
+        except Exception as exc:  # unreachable, timed out, not a load report, not ours: a failed probe
             ejected = view.health.failed(time.monotonic())
-            if ejected and view.report is None:
+            if isinstance(exc, ForeignBackend):
+                view.report = None  # never route to it on the strength of an earlier report
+                log.warning("Backend %s ignored: %s", view.name, exc)
+            elif ejected and view.report is None:
                 log.info("Backend %s not reachable yet (%s)", view.name, exc or type(exc).__name__)
             elif ejected:
                 log.warning(

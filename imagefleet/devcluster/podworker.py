@@ -291,6 +291,11 @@ class PodWorker:
     def _handle(self, event: Any) -> None:
         if isinstance(event, _Updated):
             self.pod = event.pod
+            if self.last_status is not None and _overwritten(event.pod, self.last_status):
+                # Someone else wrote our status (the node controller marks pods not ready when a
+                # node's heartbeats stopped, e.g. while the apiserver was away): post ours again,
+                # as the kubelet's status manager reconciles.
+                self.last_status = None
             if event.pod["metadata"].get("deletionTimestamp"):
                 self._begin_termination()
         elif isinstance(event, _Exited):
@@ -721,3 +726,15 @@ class PodWorker:
             return
         self.status_failures = 0
         self.last_status = status
+
+
+def _condition_states(status: Mapping[str, Any]) -> dict[str, str]:
+    """A pod status's conditions as {type: status}, timestamps aside."""
+    return {str(c.get("type")): str(c.get("status")) for c in status.get("conditions") or []}
+
+
+def _overwritten(pod: Mapping[str, Any], posted: Mapping[str, Any]) -> bool:
+    """Whether a condition this kubelet posted now reads otherwise in the API (others' conditions,
+    such as the scheduler's PodScheduled, are theirs)."""
+    ours, theirs = _condition_states(posted), _condition_states(pod.get("status") or {})
+    return any(theirs.get(kind, state) != state for kind, state in ours.items())

@@ -342,6 +342,33 @@ def test_alerts_use_only_metrics_that_exist(helm: Helm) -> None:
     assert "> 120" in alerts[1]["expr"] and "> 0.1" in alerts[3]["expr"]  # thresholds from values
 
 
+def test_the_chart_makes_no_secret_and_no_api_key(helm: Helm) -> None:
+    """Keys are the user's own Secret (spec.router.apiKeySecretRef); the chart never invents one."""
+    for docs in (helm.template(), helm.template("--values", str(ALL_ON))):
+        assert [d["kind"] for d in docs if d["kind"] == "Secret"] == []
+        for d in docs:
+            if d["kind"] == "ImageGenerator":
+                assert "apiKeySecretRef" not in (d["spec"].get("router") or {}), d
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert not re.search(r"api.?key", json.dumps(values), re.I)
+
+
+def test_the_operator_container_is_locked_down(helm: Helm) -> None:
+    (deployment,) = [d for d in helm.template() if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = spec["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    # POD_NAMESPACE is where the operator's NetworkPolicies let its scrape in from.
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in c[
+        "env"
+    ]
+
+
 def test_rbac_grants_no_secrets_and_no_wildcards(helm: Helm) -> None:
     for docs in (helm.template(), helm.template("--values", str(ALL_ON))):
         for rule in _rules(docs):
@@ -452,12 +479,18 @@ def test_cluster_wide_rbac_is_least_privilege(tools: Any, namespace: str, crds: 
             assert not _can_i(tools, who, "delete", "deployments.apps", "-n", elsewhere)
             assert not _can_i(tools, who, "create", "leases.coordination.k8s.io", "-n", elsewhere)
             assert not _can_i(tools, who, "create", "imagegenerators.imagefleet.dev", "-n", elsewhere)
+            assert _can_i(tools, who, "create", "networkpolicies.networking.k8s.io", "-n", elsewhere)
+            assert not _can_i(tools, who, "delete", "networkpolicies.networking.k8s.io", "-n", elsewhere)
+            assert not _can_i(tools, who, "create", "pods", "--subresource=exec", "-n", elsewhere)
+            assert not _can_i(tools, who, "delete", "imagegenerators.imagefleet.dev", "-n", elsewhere)
         assert not _can_i(tools, who, "list", "secrets", "--all-namespaces")
         assert not _can_i(tools, who, "get", "secrets", "-n", namespace)
         assert not _can_i(tools, who, "delete", "namespaces")
         assert not _can_i(tools, who, "create", "clusterroles.rbac.authorization.k8s.io")
         assert not _can_i(tools, who, "create", "clusterrolebindings.rbac.authorization.k8s.io")
         assert not _can_i(tools, who, "create", "nodes")
+        assert not _can_i(tools, who, "delete", "customresourcedefinitions.apiextensions.k8s.io")
+        assert not _can_i(tools, who, "create", "customresourcedefinitions.apiextensions.k8s.io")
         assert _can_i(tools, who, "watch", "customresourcedefinitions.apiextensions.k8s.io")
         assert _can_i(tools, who, "create", "leases.coordination.k8s.io", "-n", namespace)
         assert _can_i(tools, who, "update", "leases.coordination.k8s.io/imagefleet-operator", "-n", namespace)

@@ -441,3 +441,66 @@ def test_api_keys_come_from_the_secret_and_follow_its_rotation(
     core_v1.patch_namespaced_secret("keys", namespace, {"stringData": {"api-keys": "sk-second\n"}})
     until(lambda: status_with("sk-second") == 200, timeout=60, what="the rotated key accepted")
     assert status_with("sk-first") == 401
+
+
+def _can_i(tools: Tools, who: str, *args: str) -> bool:
+    result = tools.kubectl("auth", "can-i", f"--as={who}", *args, check=False)
+    answer = str(result.stdout).strip()
+    assert answer.startswith(("yes", "no")), result.stderr
+    return answer.startswith("yes")
+
+
+def test_the_routers_service_account_can_find_its_pods_and_nothing_more(
+    generator: Generator, tools: Tools
+) -> None:
+    generator.apply(replicas=1)
+    generator.wait_serving(1)
+    ns = generator.namespace
+    who = f"system:serviceaccount:{ns}:tiny-router"
+    for verb in ("get", "list", "watch"):
+        assert _can_i(tools, who, verb, "pods", "-n", ns)
+    denied = [
+        ("get", "secrets", "-n", ns),
+        ("list", "secrets", "--all-namespaces"),
+        ("list", "pods", "-n", "default"),
+        ("list", "pods", "--all-namespaces"),
+        ("create", "pods", "-n", ns),
+        ("delete", "pods", "-n", ns),
+        ("create", "pods", "--subresource=exec", "-n", ns),
+        ("get", "pods", "--subresource=log", "-n", ns),
+        ("list", "configmaps", "-n", ns),
+        ("patch", "imagegenerators.imagefleet.dev", "-n", ns),
+        ("create", "networkpolicies.networking.k8s.io", "-n", ns),
+        ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("list", "nodes"),
+    ]
+    assert [d for d in denied if _can_i(tools, who, *d)] == []
+
+
+def test_what_the_operator_creates_is_locked_down(generator: Generator, api_client: Any) -> None:
+    """The process kubelet does not enforce securityContext or NetworkPolicy: the objects the API
+    server holds are checked instead."""
+    generator.apply(replicas=1)
+    generator.wait_serving(1)
+    ns = generator.namespace
+    policy = client.NetworkingV1Api(api_client).read_namespaced_network_policy("tiny-pods", ns)
+    assert policy.spec.pod_selector.match_labels == wire.pod_selector("tiny")
+    assert policy.spec.policy_types == ["Ingress"]
+    (rule,) = policy.spec.ingress
+    assert [(p.port, p.protocol) for p in rule.ports] == [(8001, "TCP")]
+    peers = [p.pod_selector.match_labels for p in rule._from if p.namespace_selector is None]
+    assert peers == [{wire.LABEL_GENERATOR: "tiny", wire.LABEL_COMPONENT: wire.COMPONENT_ROUTER}]
+
+    deployment = client.AppsV1Api(api_client).read_namespaced_deployment("tiny-router", ns)
+    specs = [p.spec for p in generator.pods()] + [deployment.spec.template.spec]
+    for spec in specs:
+        pod_sc = spec.security_context
+        assert pod_sc.run_as_non_root and pod_sc.run_as_user == 10001
+        assert pod_sc.seccomp_profile.type == "RuntimeDefault"
+        (c,) = spec.containers
+        sc = c.security_context
+        assert sc.read_only_root_filesystem and sc.allow_privilege_escalation is False
+        assert sc.capabilities.drop == ["ALL"] and not sc.capabilities.add
+        assert any(v.name == "tmp" and v.empty_dir is not None for v in spec.volumes)
+    secrets = generator.core.list_namespaced_secret(ns, label_selector=f"{wire.LABEL_GENERATOR}=tiny")
+    assert secrets.items == []  # no API key is invented: a router without one says so in its log

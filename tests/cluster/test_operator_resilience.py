@@ -1,4 +1,6 @@
-"""The operator as separate processes that die: killed mid-reconcile, two replicas, apiserver down.
+"""The operator, the inference pods and the router as separate processes that die: the operator
+killed mid-reconcile, two operator replicas, an inference pod SIGKILLed mid-batch, the router
+SIGKILLed, the apiserver unreachable for 30 s.
 
 These start ``imagefleet operator`` as real processes (SIGKILL must be able to hit it half-way),
 each watching only the test's namespace.
@@ -10,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +20,18 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from imagefleet import wire
+from imagefleet import metrics, wire
 from imagefleet.devcluster.controlplane import ControlPlane
+from imagefleet.testing.routers import Held, generate, pod_busy, scrape
 from imagefleet.testing.wait import until
 from tests.cluster.conftest import Tools
 from tests.cluster.test_operator import Generator, Traffic
 
 START_S = 120.0
+APISERVER_DOWN_S = 30.0
+LONG = {"size": "256x256", "num_inference_steps": 60}
+"""A request that keeps a tiny pod's batch running for a while (the CPU is shared)."""
+MEDIUM = {"size": "128x128", "num_inference_steps": 40}
 
 
 class OperatorProcess:
@@ -147,22 +155,120 @@ def test_two_replicas_take_turns_with_a_lease(
     assert len(generator.pods()) == 3
 
 
-def test_the_router_and_the_operator_carry_on_through_an_apiserver_restart(
+def test_the_router_and_the_operator_carry_on_through_30_s_without_the_apiserver(
     control_plane: ControlPlane,
     generator: Generator,
     processes: list[OperatorProcess],
     tmp_path: Path,
+    api_client: Any,
 ) -> None:
     op = OperatorProcess(control_plane, generator.namespace, tmp_path / "op.log")
     processes.append(op)
     generator.apply(replicas=2)
     generator.wait_serving(2)
     url = generator.router_url()
+    core = client.CoreV1Api(api_client)
+
+    def api_down() -> bool:
+        try:
+            core.list_namespace(_request_timeout=2)
+        except Exception:  # refused, reset or timed out: unreachable
+            return True
+        return False
+
     with Traffic(url) as traffic:
         until(lambda: traffic.ok >= 3, timeout=60, what="traffic flowing")
-        control_plane.restart("kube-apiserver", downtime_s=10.0)
+        # The restart runs on this thread: the components die with the thread that started them.
+        served_while_down: list[bool] = []
+        checks: list[BaseException] = []
+
+        def check_serving_while_down() -> None:
+            try:
+                until(api_down, timeout=10, what="the apiserver down")
+                during = traffic.ok
+                until(
+                    lambda: traffic.ok >= during + 3, timeout=APISERVER_DOWN_S, what="traffic, apiserver down"
+                )
+                served_while_down.append(api_down())  # those requests were served without the API
+            except BaseException as exc:
+                checks.append(exc)
+
+        checker = threading.Thread(target=check_serving_while_down)
+        checker.start()
+        control_plane.restart("kube-apiserver", downtime_s=APISERVER_DOWN_S)
+        checker.join(60)
+        assert checks == [] and served_while_down == [True], checks
         sent = traffic.ok
         until(lambda: traffic.ok >= sent + 3, timeout=60, what="traffic after the restart")
     assert traffic.failures == []
     generator.tools.kubectl("scale", "imggen/tiny", "--replicas=3", "-n", generator.namespace)
-    generator.wait_serving(3, timeout=START_S + 60)
+    generator.wait_serving(3, timeout=START_S + 60)  # the operator reconciles and writes status again
+
+
+def container_pid(pod: Any) -> int:
+    """The process of a pod's (only) container, as the process kubelet reports it."""
+    (status,) = pod.status.container_statuses
+    return int(status.container_id.removeprefix("process://"))
+
+
+def restarts(pod: Any) -> int:
+    (status,) = pod.status.container_statuses
+    return int(status.restart_count)
+
+
+def test_a_pod_sigkilled_mid_batch_loses_no_request(
+    control_plane: ControlPlane,
+    generator: Generator,
+    processes: list[OperatorProcess],
+    tmp_path: Path,
+) -> None:
+    """Requests running on a pod that dies are retried on another pod by the router."""
+    processes.append(OperatorProcess(control_plane, generator.namespace, tmp_path / "op.log"))
+    generator.apply(replicas=2)
+    generator.wait_serving(2)
+    url = generator.router_url()
+    held = [Held(url, **MEDIUM).start() for _ in range(3)]
+    pods = {f"http://{p.status.pod_ip}:8001": p for p in generator.pods()}
+
+    def busy() -> Any:
+        return next((p for u, p in pods.items() if pod_busy(u)), None)
+
+    victim = until(busy, timeout=60, what="a pod running a batch")
+    os.killpg(container_pid(victim), signal.SIGKILL)
+    for h in held:
+        assert h.wait(300) == 200, h.error
+    assert all(h.error is None for h in held)
+    assert scrape(url).value(metrics.ROUTER_RETRIES + "_total", reason="unreachable") >= 1  # it was retried
+    assert generate(url, size="64x64").status == 200
+
+
+def test_a_restarted_router_fails_only_what_was_in_flight(
+    control_plane: ControlPlane,
+    generator: Generator,
+    processes: list[OperatorProcess],
+    tmp_path: Path,
+) -> None:
+    processes.append(OperatorProcess(control_plane, generator.namespace, tmp_path / "op.log"))
+    generator.apply(replicas=2)
+    generator.wait_serving(2)
+    url = generator.router_url()
+    assert generate(url, size="64x64").status == 200
+    (router,) = generator.pods(wire.COMPONENT_ROUTER)
+    inference_pods = {p.metadata.uid for p in generator.pods()}
+    in_flight = Held(url, **LONG).start()
+    until(lambda: any(pod_busy(f"http://{p.status.pod_ip}:8001") for p in generator.pods()), timeout=60,
+          what="the request running on a pod")  # fmt: skip
+    os.killpg(container_pid(router), signal.SIGKILL)
+    in_flight.wait(60)
+    assert in_flight.status is None and in_flight.error is not None  # cut off with the router
+
+    def back() -> bool:
+        (pod,) = generator.pods(wire.COMPONENT_ROUTER)
+        ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        return restarts(pod) > restarts(router) and ready
+
+    until(back, timeout=START_S, what="the router restarted and ready", describe=generator.describe)
+    with Traffic(generator.router_url()) as traffic:
+        until(lambda: traffic.ok >= 3, timeout=60, what="traffic through the restarted router")
+    assert traffic.failures == []
+    assert {p.metadata.uid for p in generator.pods()} == inference_pods  # no pod paid for it

@@ -217,6 +217,22 @@ def test_crashing_container_restarts_with_back_off(
     assert log.read_text().count("crashing\n") >= 2
 
 
+def test_a_ready_condition_someone_else_overwrote_is_posted_again(
+    kubelet: ProcessKubelet, core_v1: Any, namespace: str
+) -> None:
+    """The node controller marks pods not ready when their node's heartbeats stopped (say, the
+    apiserver was away); the kubelet puts its own view back, as its status manager does."""
+    core_v1.create_namespaced_pod(namespace, _pod("marked", kubelet.node_names[0], _server()))
+    _wait_pod(core_v1, namespace, "marked", _ready, "Ready")
+    core_v1.patch_namespaced_pod_status(
+        "marked",
+        namespace,
+        {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "NodeNotReady"}]}},
+    )
+    assert not _ready(_read(core_v1, namespace, "marked"))
+    _wait_pod(core_v1, namespace, "marked", _ready, "Ready again", timeout=30)
+
+
 def test_failing_liveness_probe_restarts_the_container(
     kubelet: ProcessKubelet, core_v1: Any, namespace: str
 ) -> None:

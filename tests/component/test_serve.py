@@ -18,6 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
+from imagefleet.testing.processes import alive, children
 from imagefleet.testing.routers import generate
 from imagefleet.testing.servers import free_port, get_json, wait_until
 
@@ -31,30 +32,6 @@ class Served:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def children(pid: int) -> list[int]:
-    """Live (non-zombie) processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")

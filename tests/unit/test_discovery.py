@@ -183,6 +183,18 @@ def test_static_list() -> None:
     backends = static_backends(["http://127.0.0.1:8101/", " 127.0.0.1:8102 ", ""])
     assert list(backends) == ["http://127.0.0.1:8101", "http://127.0.0.1:8102"]
     assert backends["http://127.0.0.1:8102"].url == "http://127.0.0.1:8102"
+    assert backends["http://127.0.0.1:8102"].owns("anything")  # no instance expected
+
+
+def test_a_static_backend_may_name_the_instance_expected_there() -> None:
+    (backend,) = static_backends(["http://127.0.0.1:8101/#serve-1-gpu0"]).values()
+    assert (backend.name, backend.url, backend.instance_id) == (
+        "http://127.0.0.1:8101",
+        "http://127.0.0.1:8101",
+        "serve-1-gpu0",
+    )
+    assert backend.key == static_backends(["http://127.0.0.1:8101"])["http://127.0.0.1:8101"].key
+    assert backend.owns("serve-1-gpu0") and not backend.owns("serve-2-gpu0") and not backend.owns("")
 
 
 def test_relist_backoff() -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from imagefleet import settings
 from imagefleet.localmode import (
+    PortTaken,
     banner,
+    check_port,
     plan_pods,
     pod_command,
     public_url,
     restart_delay,
     select_gpus,
 )
+from imagefleet.router.discovery import static_backends
 from imagefleet.settings import PodSettings, ServeSettings
 
 
@@ -45,6 +50,28 @@ def test_pod_command_listens_on_loopback() -> None:
     cmd = pod_command(settings.load(PodSettings, {}, env={}), plan)
     assert cmd[1:4] == ["-m", "imagefleet", "pod"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == str(plan.port)
+
+
+def test_each_pod_gets_an_instance_id_of_this_run_that_the_router_expects() -> None:
+    local = settings.load(ServeSettings, {}, env={}, cpu_pods=2)
+    plans = plan_pods([], local, "run1")
+    assert [p.instance_id for p in plans] == ["run1-cpu0", "run1-cpu1"]
+    cmd = pod_command(settings.load(PodSettings, {}, env={}), plans[1])
+    assert cmd[cmd.index("--instance-id") + 1] == "run1-cpu1"
+    assert cmd.count("--instance-id") == 1
+    (backend,) = static_backends([plans[1].backend]).values()
+    assert backend.url == plans[1].url and backend.instance_id == "run1-cpu1"
+    assert backend.owns("run1-cpu1") and not backend.owns("run0-cpu1") and not backend.owns("")
+
+
+def test_a_port_with_a_listener_is_taken() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.listen()
+        with pytest.raises(PortTaken, match=f"port {port} on 127.0.0.1 \\(test\\)"):
+            check_port("127.0.0.1", port, "test")
+    check_port("127.0.0.1", port, "test")
 
 
 def test_restart_backoff() -> None:

@@ -95,6 +95,64 @@ def test_pods_run_unprivileged_on_a_read_only_root_with_writable_tmp_and_cache()
     assert env["HF_HOME"] == "/cache/huggingface" and env["TORCHINDUCTOR_CACHE_DIR"].startswith("/cache/")
 
 
+HARDENED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def test_pods_and_routers_run_as_a_fixed_non_root_user_with_the_default_seccomp_profile() -> None:
+    g = parse(generator(), OP)
+    pod_spec = manifests.inference_pod(g, OP, 0)["spec"]
+    router_spec = manifests.router_deployment(g, OP)["spec"]["template"]["spec"]
+    for spec in (pod_spec, router_spec):
+        assert spec["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": manifests.RUN_AS,
+            "runAsGroup": manifests.RUN_AS,
+            "fsGroup": manifests.RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        (c,) = spec["containers"]
+        assert c["securityContext"] == HARDENED_CONTAINER
+        (tmp,) = [v for v in spec["volumes"] if v["name"] == "tmp"]
+        assert "emptyDir" in tmp and {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        assert "hostNetwork" not in spec and "hostPID" not in spec
+    assert manifests.RUN_AS != 0
+
+
+def test_only_the_routers_the_operator_and_metrics_namespaces_reach_the_pods() -> None:
+    op = dataclasses.replace(OP, operator_namespace="imagefleet-system", metrics_namespaces=("monitoring",))
+    g = parse(generator(), op)
+    (policy,) = [o for o in manifests.shared_objects(g, op) if o["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": wire.pod_selector("sd")}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": g.pod.port, "protocol": "TCP"}]
+    router, operator, monitoring = rule["from"]
+    assert router == {
+        "podSelector": {"matchLabels": {wire.LABEL_GENERATOR: "sd", wire.LABEL_COMPONENT: "router"}}
+    }
+    router_pod_labels = manifests.router_deployment(g, op)["spec"]["template"]["metadata"]["labels"]
+    assert router["podSelector"]["matchLabels"].items() <= router_pod_labels.items()
+    assert operator["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "imagefleet-system"}
+    }
+    assert operator["podSelector"]["matchLabels"] == {
+        wire.LABEL_PART_OF: "imagefleet",
+        wire.LABEL_COMPONENT: "operator",
+    }
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    # With no namespace of its own known (run outside the cluster) only the routers are let in.
+    (bare,) = [o for o in manifests.shared_objects(g, OP) if o["kind"] == "NetworkPolicy"]
+    assert bare["spec"]["ingress"][0]["from"] == [router]
+    off = dataclasses.replace(OP, network_policy=False)
+    assert "NetworkPolicy" not in {o["kind"] for o in manifests.shared_objects(g, off)}
+
+
 def test_users_env_wins_over_the_operators() -> None:
     g = parse(generator(env=[{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "X", "value": "1"}]), OP)
     env = container(manifests.inference_pod(g, OP, 0))["env"]
@@ -106,7 +164,8 @@ def test_every_object_is_owned_by_the_generator_and_labelled() -> None:
     g = parse(generator(), OP)
     objects = [*manifests.shared_objects(g, OP), manifests.inference_pod(g, OP, 0)]
     kinds = sorted(o["kind"] for o in objects)
-    shared = ["ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding"]
+    shared = ["ConfigMap", "NetworkPolicy", "Service", "PodDisruptionBudget", "ServiceAccount", "Role"]
+    shared.append("RoleBinding")
     assert kinds == sorted([*shared, "Deployment", "Service", "Pod"])
     for o in objects:
         (owner,) = o["metadata"]["ownerReferences"]

@@ -30,6 +30,11 @@ in a Role of each watched namespace otherwise.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The NetworkPolicy that lets only a resource's routers, the operator and metrics scrapers reach
+# its inference pods (--network-policy).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 # The router's Role (pods get/list/watch: allowed because the operator holds them itself) and
 # its RoleBinding.
 - apiGroups: ["rbac.authorization.k8s.io"]
