@@ -55,7 +55,7 @@ def chromium(width: int = 1000, height: int = 1000) -> Iterator[webdriver.Chrome
 
 def console(chrome: webdriver.Chrome) -> list[dict[str, Any]]:
     """The console entries since the last call (Chromium hands each entry out once)."""
-    return list(chrome.get_log("browser"))
+    return list(chrome.get_log("browser"))  # type: ignore[no-untyped-call]
 
 
 def errors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
