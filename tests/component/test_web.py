@@ -245,6 +245,21 @@ def test_the_key_is_asked_for_on_401_and_sent_as_bearer(served: Served, chrome: 
         chrome.execute_script("sessionStorage.clear()")
 
 
+def test_the_pages_fit_a_phone(served: Served, chrome: Chrome) -> None:
+    size = chrome.get_window_size()
+    chrome.set_window_size(390, 844)
+    try:
+        for path, ready in (("/", "#gallery li img"), ("/fleet", "#pods tbody tr")):
+            chrome.get(served.url + path)
+            wait(chrome, lambda c, r=ready: c.find_elements(By.CSS_SELECTOR, r), f"{path} filled")
+            width, viewport = chrome.execute_script(
+                "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+            )
+            assert viewport < 500 and width <= viewport, f"{path} scrolls sideways: {width} > {viewport}"
+    finally:
+        chrome.set_window_size(size["width"], size["height"])
+
+
 # --- the dashboard's metrics ----------------------------------------------------------------------
 
 
