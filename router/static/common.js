@@ -52,6 +52,35 @@ const imagefleet = {
     }
   },
 
+  // Yields the events of a text/event-stream answer as {event, data}, data parsed as JSON
+  // (https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream).
+  async *events(response) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+      const blocks = buffer.split(/\r\n\r\n|\n\n|\r\r/);
+      buffer = done ? "" : blocks.pop();
+      for (const block of blocks) {
+        let event = "message";
+        const data = [];
+        for (const line of block.split(/\r\n|\n|\r/)) {
+          if (line.startsWith(":")) continue; // a comment (keep-alive)
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") event = text;
+          else if (field === "data") data.push(text);
+        }
+        if (!data.length || data.join("\n") === "[DONE]") continue;
+        yield { event, data: JSON.parse(data.join("\n")) };
+      }
+      if (done) return;
+    }
+  },
+
   // The message of an OpenAI error envelope, or the HTTP status.
   async errorOf(response) {
     try {

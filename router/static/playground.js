@@ -129,30 +129,6 @@
     return body;
   }
 
-  // Yields the events of a text/event-stream answer as {event, data} with data parsed as JSON.
-  async function* events(response) {
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-      const blocks = buffer.split(/\r?\n\r?\n/);
-      buffer = done ? "" : blocks.pop();
-      for (const block of blocks) {
-        let event = "message";
-        const data = [];
-        for (const line of block.split(/\r?\n/)) {
-          if (line.startsWith("event:")) event = line.slice(6).trim();
-          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-        }
-        if (!data.length || data.join("") === "[DONE]") continue;
-        yield { event, data: JSON.parse(data.join("\n")) };
-      }
-      if (done) return;
-    }
-  }
-
   async function post(body) {
     return imagefleet.api("/v1/images/generations", {
       method: "POST",
@@ -179,7 +155,7 @@
       streaming = true;
       const images = [];
       let partials = 0;
-      for await (const { event, data } of events(response)) {
+      for await (const { event, data } of imagefleet.events(response)) {
         const kind = data.type || event;
         if (kind === "image_generation.partial_image") {
           partials += 1;

@@ -217,6 +217,49 @@ def test_a_generation_from_the_form_shows_its_images_and_parameters(
     assert "seed 7" in gallery_images(chrome)[0]["text"]
 
 
+PARSE_EVENTS = """
+const done = arguments[arguments.length - 1];
+const text = arguments[0];
+const bytes = new TextEncoder().encode(text);
+const cuts = arguments[1];  // byte offsets: chunks end mid-line, mid-separator, mid-character
+const body = new ReadableStream({
+  start(controller) {
+    let at = 0;
+    for (const cut of [...cuts, bytes.length]) { controller.enqueue(bytes.slice(at, cut)); at = cut; }
+    controller.close();
+  },
+});
+(async () => {
+  const out = [];
+  for await (const e of imagefleet.events(new Response(body))) out.push(e);
+  done(out);
+})().catch((e) => done("error: " + e));
+"""
+
+
+def test_the_event_stream_reader_follows_the_sse_rules(served: Served, chrome: Chrome) -> None:
+    """The playground's reader of OpenAI's image events, fed a stream cut at awkward places."""
+    chrome.get(served.url + "/")
+    partial = {"type": "image_generation.partial_image", "b64_json": "AAAA", "partial_image_index": 0}
+    completed = {"type": "image_generation.completed", "b64_json": "BBBB", "revised_prompt": "phare é"}
+    text = (
+        f"event: image_generation.partial_image\r\ndata: {json.dumps(partial)}\r\n\r\n"
+        ": keep-alive\n\n"
+        f"event: image_generation.completed\ndata: {json.dumps(completed, ensure_ascii=False)}\n\n"
+        'data: {"type": "error",\ndata: "error": {"message": "two data lines"}}\n\n'
+        "data: [DONE]\n\n"
+    )
+    raw = text.encode()
+    accent = raw.index("é".encode())
+    cuts = [10, raw.index(b"\r\n\r\n") + 3, accent + 1, len(raw) - 3]
+    events = chrome.execute_async_script(PARSE_EVENTS, text, cuts)
+    assert events == [
+        {"event": "image_generation.partial_image", "data": partial},
+        {"event": "image_generation.completed", "data": completed},
+        {"event": "message", "data": {"type": "error", "error": {"message": "two data lines"}}},
+    ]
+
+
 def test_a_bad_request_shows_the_servers_message(served: Served, chrome: Chrome) -> None:
     chrome.get(served.url + "/")
     wait(chrome, lambda c: c.find_element(By.ID, "model").text, "the model's name")
