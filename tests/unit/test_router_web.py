@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from imagefleet import cli, settings, wire
 from imagefleet.loadreport import LoadReport
+from imagefleet.operator import manifests
+from imagefleet.operator.spec import parse
 from imagefleet.router import fleet as f
 from imagefleet.router import telemetry as t
 from imagefleet.router.auth import KeyStore
@@ -20,6 +23,7 @@ from imagefleet.router.pick import PICKERS
 from imagefleet.router.state import RouterRuntime
 from imagefleet.router.telemetry import RouterMetrics
 from imagefleet.router.web import CSP, STATIC_DIR, is_page, load_assets
+from imagefleet.settings import OperatorSettings, RouterSettings
 from imagefleet.testing.routers import RouterThread, router_settings
 from imagefleet.testing.servers import get_json
 
@@ -201,3 +205,18 @@ def test_on_kubernetes_the_fleet_says_why_it_shows_no_conditions() -> None:
     assert generator["conditions"] is None
     assert generator["namespace"] == "team" and generator["selector"] == "imagefleet.dev/generator=g"
     assert "kubectl describe imggen -n team" in generator["note"]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_operator_passes_router_web_to_the_routers_it_creates(on: bool) -> None:
+    operator = OperatorSettings(router_web=on)
+    resource = {
+        "apiVersion": wire.API_VERSION,
+        "kind": wire.KIND,
+        "metadata": {"name": "g", "namespace": "ns", "uid": "u", "generation": 1},
+        "spec": {"model": {"id": "tiny"}, "replicas": 1},
+    }
+    deployment = manifests.router_deployment(parse(resource, operator), operator)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = cli.build_parser().parse_args(container["command"][1:])
+    assert settings.load(RouterSettings, args, env={}).web is on
