@@ -65,7 +65,7 @@ def create_app(
     app[RUNTIME] = rt
     app.cleanup_ctx.append(lambda a: _lifetime(a, discovery or discovery_for(settings)))
     setup_routes(app)
-    setup_web(app, pages=settings.web)
+    setup_web(app, settings)
     return app
 
 

@@ -9,9 +9,8 @@ errors). No pod is called.
 A pod's *state* is, in this order: ``unreachable`` (ejected after failures, or never answered),
 ``quarantined``, ``draining``, ``ready``, else ``loading`` (answering but not ready yet).
 
-On Kubernetes the router's Role may only list and watch pods, so it cannot read its
-ImageGenerator's conditions; the answer says so rather than guess (``kubectl describe imggen``
-shows them).
+On Kubernetes ``generator`` carries the ImageGenerator's conditions when the router may read
+the resource, else why not (:mod:`.generator`); the rest never depends on it.
 """
 
 from __future__ import annotations
@@ -36,11 +35,6 @@ STATES = (READY, LOADING, DRAINING, QUARANTINED, UNREACHABLE)
 
 ERROR_OUTCOMES = frozenset((t.SERVER_ERROR, t.UNAVAILABLE, t.UNREACHABLE, t.TIMEOUT))
 """Attempts that count as a pod's errors (429 ``overloaded`` and client errors do not)."""
-
-CONDITIONS_NOTE = (
-    "The router's Role grants only pods (get, list, watch): it cannot read the ImageGenerator. "
-    "Its conditions: kubectl describe imggen -n {namespace}."
-)
 
 
 def state_of(view: BackendView) -> str:
@@ -94,8 +88,14 @@ def pod_entry(
     }
 
 
-def fleet(rt: RouterRuntime, *, now: float | None = None, wall: float | None = None) -> dict[str, Any]:
-    """The body of ``GET /v1/fleet``."""
+def fleet(
+    rt: RouterRuntime,
+    *,
+    generator: Mapping[str, Any] | None = None,
+    now: float | None = None,
+    wall: float | None = None,
+) -> dict[str, Any]:
+    """The body of ``GET /v1/fleet``; ``generator`` is what is known of the ImageGenerator."""
     now = time.monotonic() if now is None else now
     fallback = rt.view.fallback_unit_seconds()
     attempts = attempts_by_backend(rt.metrics.requests.collect())
@@ -126,13 +126,6 @@ def fleet(rt: RouterRuntime, *, now: float | None = None, wall: float | None = N
             "retries": sum(retries.values()),
         },
         "retries": retries,
-        "generator": None,
+        "generator": dict(generator) if generator is not None else None,
     }
-    if settings.discovery == "kubernetes":
-        body["generator"] = {
-            "namespace": settings.namespace,
-            "selector": settings.selector,
-            "conditions": None,
-            "note": CONDITIONS_NOTE.format(namespace=settings.namespace),
-        }
     return body

@@ -20,12 +20,15 @@ from aiohttp import web
 from imagefleet.errors import NotFound
 from imagefleet.httpkit import json_response
 from imagefleet.router.fleet import fleet
+from imagefleet.router.generator import GeneratorView
 from imagefleet.router.state import RUNTIME
+from imagefleet.settings import RouterSettings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS_PREFIX = "/web/"
 FLEET_API_PATH = "/v1/fleet"
 PAGES = {"/": "playground.html", "/fleet": "fleet.html"}
+GENERATOR = web.AppKey("generator_view", GeneratorView)
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -78,10 +81,16 @@ def respond(asset: Asset) -> web.Response:
     return web.Response(body=asset.body, headers={"Content-Type": asset.content_type, **SECURITY_HEADERS})
 
 
-def setup_web(app: web.Application, *, pages: bool) -> None:
-    """Mount ``GET /v1/fleet`` and, when ``pages``, the pages and their assets."""
+def setup_web(app: web.Application, settings: RouterSettings) -> None:
+    """Mount ``GET /v1/fleet`` and, unless ``--no-web``, the pages and their assets.
+
+    With Kubernetes discovery ``/v1/fleet`` also reports on the router's ImageGenerator.
+    """
     app.router.add_get(FLEET_API_PATH, fleet_json)
-    if not pages:
+    if settings.discovery == "kubernetes":
+        generator = app[GENERATOR] = GeneratorView(settings.namespace, settings.selector)
+        app.on_cleanup.append(lambda _: generator.close())
+    if not settings.web:
         return
     assets = load_assets()
 
@@ -100,4 +109,5 @@ def setup_web(app: web.Application, *, pages: bool) -> None:
 
 
 async def fleet_json(request: web.Request) -> web.Response:
-    return json_response(fleet(request.app[RUNTIME]))
+    view = request.app.get(GENERATOR)
+    return json_response(fleet(request.app[RUNTIME], generator=view.current() if view else None))

@@ -87,9 +87,12 @@
     if (fleet.generator) {
       const g = fleet.generator;
       generator.hidden = false;
+      const conditions = (g.conditions || []).map(
+        (c) => c.type + "=" + c.status + (c.reason ? " (" + c.reason + ")" : ""),
+      );
       generator.textContent =
-        "Namespace " + g.namespace + ", pods " + g.selector + ". " +
-        (g.conditions ? "Conditions: " + g.conditions.map((c) => c.type + "=" + c.status).join(", ") : g.note);
+        "ImageGenerator " + (g.name || "?") + " in " + g.namespace + ". " +
+        (g.conditions ? "Conditions: " + (conditions.join(", ") || "none yet") + "." : g.note);
     }
     updated.textContent = "Updated " + new Date(fleet.created * 1000).toLocaleTimeString();
   }

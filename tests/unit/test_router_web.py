@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import urllib.error
@@ -15,9 +16,10 @@ from imagefleet.loadreport import LoadReport
 from imagefleet.operator import manifests
 from imagefleet.operator.spec import parse
 from imagefleet.router import fleet as f
+from imagefleet.router import generator as gen
 from imagefleet.router import telemetry as t
 from imagefleet.router.auth import KeyStore
-from imagefleet.router.discovery import Backend
+from imagefleet.router.discovery import Backend, StaticDiscovery
 from imagefleet.router.loadview import LoadView
 from imagefleet.router.pick import PICKERS
 from imagefleet.router.state import RouterRuntime
@@ -199,12 +201,61 @@ def test_fleet_counts_picks_errors_and_the_report_fields() -> None:
     assert body["created"] == 1000 and body["models"] == ["m"]
 
 
-def test_on_kubernetes_the_fleet_says_why_it_shows_no_conditions() -> None:
-    rt = runtime(discovery="kubernetes", namespace="team", selector="imagefleet.dev/generator=g")
-    generator = f.fleet(rt)["generator"]
-    assert generator["conditions"] is None
-    assert generator["namespace"] == "team" and generator["selector"] == "imagefleet.dev/generator=g"
-    assert "kubectl describe imggen -n team" in generator["note"]
+def test_the_generator_is_named_by_the_pods_selector() -> None:
+    selector = wire.selector_string(wire.pod_selector("sd-35"))
+    assert gen.generator_name(selector) == "sd-35"
+    assert gen.generator_name("app=x, imagefleet.dev/generator == g2") == "g2"
+    assert gen.generator_name("app=x") is None and gen.generator_name("") is None
+
+
+def test_the_generator_part_says_what_is_known() -> None:
+    shown = gen.describe("ns", "sel", "g", gen.Reading(({"type": "Ready", "status": "True"},)))
+    assert shown["conditions"] == [{"type": "Ready", "status": "True"}] and shown["note"] is None
+    refused = gen.describe("ns", "sel", "g", gen.Reading(None, "forbidden"))
+    assert refused["conditions"] is None and refused["error"] == "forbidden"
+    assert "grants only pods" in refused["note"] and "kubectl describe imggen g -n ns" in refused["note"]
+    assert "Not read yet" in gen.describe("ns", "sel", "g", None)["note"]
+
+
+def test_the_generator_is_read_at_most_once_per_refresh_period() -> None:
+    attempts = []
+    clock = [100.0]
+
+    def connect() -> object:
+        attempts.append(clock[0])
+        raise OSError("no kubeconfig here")
+
+    async def polls() -> dict[str, object]:
+        selector = wire.selector_string(wire.pod_selector("g"))
+        view = gen.GeneratorView("ns", selector, connect, lambda: clock[0])
+        assert str(view.current()["note"]).startswith("Not read yet")
+        await asyncio.sleep(0.3)  # the read runs on a thread
+        for _ in range(20):
+            body = view.current()
+        await asyncio.sleep(0.1)
+        assert len(attempts) == 1  # twenty polls, one read
+        clock[0] += gen.REFRESH_S
+        view.current()
+        await asyncio.sleep(0.3)
+        await view.close()
+        return body
+
+    body = asyncio.run(polls())
+    assert len(attempts) == 2
+    assert body["error"] == "OSError" and "could not be read" in str(body["note"])
+
+
+def test_with_kubernetes_discovery_the_fleet_reports_on_the_generator() -> None:
+    selector = wire.selector_string(wire.pod_selector("g"))
+    router = router_settings(discovery="kubernetes", namespace="team", selector=selector)
+    with RouterThread(router, discovery=StaticDiscovery(())) as r:
+        status, body = get_json(r.url + "/v1/fleet")
+    assert status == 200
+    assert body["generator"]["name"] == "g" and body["generator"]["namespace"] == "team"
+    assert (
+        body["generator"]["conditions"] is None
+        and "kubectl describe imggen g -n team" in body["generator"]["note"]
+    )
 
 
 @pytest.mark.parametrize("on", [True, False])
