@@ -245,6 +245,11 @@ class RouterSettings:
     api_keys_file: str | None = setting(None, "file (e.g. a mounted Secret) with one API key per line")
     protect_metrics: bool = setting(True, "when API keys are set, /metrics and /stats need one too")
     max_body_mb: float = setting(32.0, "largest request body (uploads included), in MiB")
+    web: bool = setting(
+        True,
+        "serve the web playground (/) and fleet page (/fleet); they call the public API, so API "
+        "keys still apply",
+    )
     shutdown_timeout_s: float = setting(
         25.0,
         "seconds requests in flight get to finish when the router stops (below stop_timeout_s)",
@@ -359,6 +364,9 @@ class OperatorSettings:
     )
     metrics_namespaces: tuple[str, ...] = setting(
         (), "namespaces whose pods may scrape the inference pods, e.g. Prometheus', comma separated"
+    )
+    router_web: bool = setting(
+        True, "routers serve the web playground (/) and fleet page (/fleet) (the routers' --web)"
     )
     health_port: int = setting(
         8080, "port of the operator's /healthz (liveness) endpoint; 0 turns it off", minimum=0, maximum=65535

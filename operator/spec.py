@@ -237,6 +237,7 @@ def _router_settings(
         # Prometheus scrapes routers inside the cluster without a key (the pods' NetworkPolicy
         # and Service decide who reaches them); the Images API itself still needs one.
         protect_metrics=False,
+        web=operator.router_web,
     )
 
 

@@ -6,7 +6,7 @@ everything with a lifetime: the client session (one connection pool to all pods)
 and the discovery task.
 
 Middlewares, outermost first: errors to OpenAI's envelope (so a 401 or 413 wears it too), then
-API keys.
+API keys (the web pages are open: what they fetch needs a key like any client's request).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from imagefleet.router.poller import Poller
 from imagefleet.router.routes import setup_routes
 from imagefleet.router.state import RUNTIME, RouterRuntime
 from imagefleet.router.telemetry import RouterMetrics
+from imagefleet.router.web import is_page, setup_web
 from imagefleet.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def create_app(
     app[RUNTIME] = rt
     app.cleanup_ctx.append(lambda a: _lifetime(a, discovery or discovery_for(settings)))
     setup_routes(app)
+    setup_web(app, settings)
     return app
 
 
@@ -76,7 +78,7 @@ def discovery_for(settings: RouterSettings) -> Discovery:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    if rt.keys.enabled and needs_key(request.path, rt.settings.protect_metrics):
+    if rt.keys.enabled and not is_page(request.path) and needs_key(request.path, rt.settings.protect_metrics):
         rt.keys.check(request.headers.get("Authorization"))
     return await handler(request)
 

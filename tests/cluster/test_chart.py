@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from imagefleet import metrics
+from imagefleet.testing import dashboards
 from imagefleet.testing.wait import until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -588,3 +589,19 @@ def test_helm_package_ships_the_crd(helm: Helm, tmp_path: Path) -> None:
     )
     assert listing.returncode == 0
     assert listing.stdout == CRD.read_bytes()
+
+
+def test_the_dashboard_configmap_carries_the_dashboard_for_the_sidecar(helm: Helm) -> None:
+    assert not [d for d in helm.template() if d["kind"] == "ConfigMap"]  # off by default
+    cm = _one(helm.template("--values", str(ALL_ON)), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "imagefleet"}
+    assert json.loads(cm["data"]["imagefleet.json"]) == dashboards.load()  # copied verbatim
+    other = _one(
+        helm.template(
+            "--set", "grafanaDashboard.enabled=true", "--set", "grafanaDashboard.namespace=monitoring"
+        ),
+        "ConfigMap",
+    )
+    assert other["metadata"]["namespace"] == "monitoring" and "annotations" not in other["metadata"]
