@@ -3,6 +3,11 @@
 First requests then do not pay for lazy initialisation, and batch sizes 1 and max are timed so
 the batcher knows from the start what batching buys. It runs the batches itself on the GPU
 thread, outside the queue, and hands what they measured to the scheduler.
+
+A compiled pipeline (:mod:`.acceleration`) has static shapes: each (size, batch size) compiles on
+its first call. Before timing, the warm-up runs every batch size from 1 to the largest at every
+size of ``--warmup-sizes`` (2 steps each: the graphs do not depend on the step count), so no
+request at those sizes pays for a compilation. With the compile cache warm this takes seconds.
 """
 
 from __future__ import annotations
@@ -22,26 +27,60 @@ log = logging.getLogger(__name__)
 PROMPT = "warm-up"
 
 
-def warmup_key(defaults: Defaults) -> CompatKey:
+def warmup_key(defaults: Defaults, size: tuple[int, int] | None = None, steps: int | None = None) -> CompatKey:
     """A short generation at the model's default size: a quarter of the default steps (at least 2)."""
     return CompatKey.of(
-        "generate", size=defaults.size, steps=max(2, defaults.steps // 4), guidance=defaults.guidance
+        "generate",
+        size=size or defaults.size,
+        steps=steps or max(2, defaults.steps // 4),
+        guidance=defaults.guidance,
+        tier="lossless",
     )
 
 
-async def warm_up(
-    scheduler: Scheduler, run_batch: RunBatch, gpu: Executor, defaults: Defaults, max_batch_size: int
-) -> None:
+async def compile_shapes(
+    run_batch: RunBatch, gpu: Executor, defaults: Defaults, sizes: list[tuple[int, int]], max_batch_size: int
+) -> float:
+    """Run every batch size at every size once (compiling each shape); returns the seconds taken."""
     loop = asyncio.get_running_loop()
-    key = warmup_key(defaults)
-    sizes = [1, 1] + ([max_batch_size] if max_batch_size > 1 else [])
     started = time.monotonic()
-    for i, size in enumerate(sizes):
+    for size in sizes or [defaults.size]:
+        key = warmup_key(defaults, size, steps=2)
+        for batch in range(1, max_batch_size + 1):
+            shape_started = time.monotonic()
+            samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(batch)]
+            outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=key, samples=samples))
+            if outcome.error is not None:
+                log.warning("Compiling %dx%d at batch %d failed: %s", *size, batch, outcome.error)
+                break
+            log.info("Compiled %dx%d at batch %d in %.1f s", *size, batch, time.monotonic() - shape_started)
+    return time.monotonic() - started
+
+
+async def warm_up(
+    scheduler: Scheduler,
+    run_batch: RunBatch,
+    gpu: Executor,
+    defaults: Defaults,
+    max_batch_size: int,
+    *,
+    sizes: list[tuple[int, int]] | None = None,
+    compiled: bool = False,
+) -> float:
+    """Warm up (and compile, when ``compiled``); returns the seconds it took in all."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    if compiled:
+        seconds = await compile_shapes(run_batch, gpu, defaults, sizes or [], max_batch_size)
+        log.info("Compiled every warm-up shape in %.1f s", seconds)
+    key = warmup_key(defaults)
+    batches = [1, 1] + ([max_batch_size] if max_batch_size > 1 else [])
+    for i, size in enumerate(batches):
         samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(size)]
         outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=key, samples=samples))
         if outcome.error is not None:
             log.warning("Warm-up batch of %d failed: %s", size, outcome.error)
-            return
+            return time.monotonic() - started
         if i == 0:  # the first run pays for lazy initialisation; learn nothing from its time
             outcome.timings.clear()
         scheduler.learn(key, outcome)
@@ -49,6 +88,7 @@ async def warm_up(
         "Warm-up done in %.1f s: batch 1 %.3f s, batch %d %.3f s",
         time.monotonic() - started,
         scheduler.estimate(key, 1) or 0,
-        sizes[-1],
-        scheduler.estimate(key, sizes[-1]) or 0,
+        batches[-1],
+        scheduler.estimate(key, batches[-1]) or 0,
     )
+    return time.monotonic() - started
