@@ -8,15 +8,16 @@ applied in order to one loaded pipeline (synthetic weights, bf16, 1024x1024, 28 
 2. ``fused`` -- :func:`fuse_qkv` (one product for Q, K, V per stream), still eager.
 3. ``blocks`` -- then :func:`compile_blocks` (default mode): first-call (compile) seconds at
    each batch size, then seconds per image.
-4. ``fast-<threshold>`` -- then the fast tier's :class:`StepCache` at each threshold: seconds per
-   image and the share of steps that ran all blocks.
+4. ``fast-<policy>-<value>`` -- then the fast tier's :class:`StepCache` (``schedule:<interval>``
+   or ``threshold:<t>``): seconds per image, the steps that ran all blocks, and the difference
+   from the lossless tier.
 5. ``vae-compiled`` -- the VAE decoder compiled, against the eager decode.
 
 For each: the max and mean absolute difference of decoded images from eager on the same seeds
 (0..255). ``--warm-start`` runs a second process with the same compile-cache directory and
 reports its first-call seconds: what a restarted pod pays.
 
-    python -m bench.accel_sd35 [--batch-sizes 1,2,4] [--thresholds 0.05,0.1,0.2] [--cache-dir D]
+    python -m bench.accel_sd35 [--batch-sizes 1,2,4] [--fast schedule:2,schedule:3,threshold:0.1] [--cache-dir D]
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def warm_start(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,2,4")
-    parser.add_argument("--thresholds", default="0.05,0.1,0.2")
+    parser.add_argument("--fast", default="schedule:2,schedule:3,schedule:4,threshold:0.1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--cache-dir", default=None)
@@ -179,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         row("blocks", batch=b, first_call_s=round(first, 1), s_per_image=round(s, 4), **extra)
 
     counter = Counter(acc.blocks_of(pipe.transformer)[1])
-    for threshold in (float(t) for t in args.thresholds.split(",")):
-        cache = acc.StepCache(pipe.transformer, threshold)
+    for variant in args.fast.split(","):
+        policy, _, value = variant.partition(":")
+        if policy == "schedule":
+            cache = acc.StepCache(pipe.transformer, policy=policy, interval=int(value))
+        else:
+            cache = acc.StepCache(pipe.transformer, policy=policy, threshold=float(value))
         with cache.active():
             latents(pipe, 0)
         counter.calls = 0
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             with cache.active():
                 fast.append(decode(pipe, latents(pipe, seed)).float())
         row(
-            f"fast-{threshold}",
+            f"fast-{policy}-{value}",
             batch=1,
             s_per_image=round(best, 4),
             full_steps=full_steps,
@@ -227,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             emit({"event": "warm_start", "error": out.stderr[-2000:]})
 
     base = {r["batch"]: r["s_per_image"] for r in rows if r["variant"] == "eager"}
-    print("variant        batch  first s  s/image   img/h  vs eager  max|d|  mean|d|")
+    print("variant             batch  first s  s/image   img/h  vs eager  max|d|  mean|d|")
     for r in rows:
         s = r.get("s_per_image")
         if s is None:
             continue
         ratio = base.get(r["batch"], base[1]) / s
         print(
-            f"{r['variant']:<14} {r['batch']:>5} {r.get('first_call_s', 0):>8.1f} {s:>8.3f} {3600 / s:>7.0f} "
+            f"{r['variant']:<19} {r['batch']:>5} {r.get('first_call_s', 0):>8.1f} {s:>8.3f} {3600 / s:>7.0f} "
             f"{ratio:>9.3f} {r.get('max_abs_diff', 0):>7.1f} {r.get('mean_abs_diff', 0):>8.3f}"
         )
     return 0

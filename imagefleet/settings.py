@@ -153,9 +153,16 @@ class PodSettings:
         "quality tiers served: lossless, or lossless,fast (fast: a first-block step cache, opt-in per request)",
         choices=("lossless", "lossless,fast"),
     )
+    fast_policy: str = setting(
+        "schedule",
+        "fast tier: schedule (every --fast-interval-th step runs all blocks after 3 full ones) | threshold "
+        "(diffusers' first-block cache rule, --fast-threshold)",
+        choices=("schedule", "threshold"),
+    )
+    fast_interval: int = setting(3, "fast tier, schedule: one full step in this many", minimum=1, maximum=10)
     fast_threshold: float = setting(
         0.1,
-        "fast tier: the first block's relative change below which a step reuses the cached rest",
+        "fast tier, threshold: the first block's relative change below which a step reuses the cached rest",
         minimum=0.001,
         maximum=10,
     )

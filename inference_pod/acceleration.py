@@ -20,6 +20,7 @@ remaining blocks are skipped and their cached residual reused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ class Acceleration:
 
     fused_attentions: int = 0
     compiled_blocks: int = 0
+    compiled_decoder: bool = False
     compile_mode: str | None = None
     step_cache: bool = False
 
@@ -51,6 +53,7 @@ class Acceleration:
         return {
             "fused_attentions": self.fused_attentions,
             "compiled_blocks": self.compiled_blocks,
+            "compiled_decoder": self.compiled_decoder,
             "compile_mode": self.compile_mode,
         }
 
@@ -174,11 +177,30 @@ def compile_blocks(denoiser: nn.Module, mode: str | None = None) -> int:
     return len(targets)
 
 
+def compile_decoder(vae: nn.Module | None) -> bool:
+    """Compile the VAE's decoder (graph breaks allowed: diffusers' upsampler checks versions)."""
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None:
+        return False
+    decoder.forward = torch.compile(decoder.forward, dynamic=False)  # type: ignore[method-assign]
+    return True
+
+
 # --- fast tier ---------------------------------------------------------------------------------
 
 
 class StepCache:
     """diffusers' first-block cache on the denoiser's blocks, active only around fast-tier batches.
+
+    After the first block, a step either runs the remaining blocks or reuses their cached
+    residual. Which, is the policy's:
+
+    * ``schedule`` (default) -- the first ``warmup`` steps run in full, then every ``interval``-th
+      step: a fixed share of the work, the same for every prompt and batch (FORA-style caching);
+      no host-device sync.
+    * ``threshold`` -- diffusers' own rule: run in full when the first block's output changed by
+      more than ``threshold`` (relative mean) since the last full step. Adaptive, but one sync a
+      step, and how often it skips depends on the weights (random weights hardly ever do).
 
     The hooks are installed once (:func:`diffusers.hooks.apply_first_block_cache`) and stay
     transparent until :meth:`active` sets their cache context; leaving it resets their state, so
@@ -186,11 +208,21 @@ class StepCache:
     transformer call per step (both CFG halves batched), so one context serves the whole call.
     """
 
-    def __init__(self, denoiser: nn.Module, threshold: float) -> None:
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        *,
+        policy: str = "schedule",
+        interval: int = 3,
+        warmup: int = 3,
+        threshold: float = 0.1,
+    ) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
         self.denoiser = denoiser
-        self.threshold = threshold
+        self.policy, self.interval, self.warmup, self.threshold = policy, interval, warmup, threshold
+        self.step = 0
+        self.full_steps = 0
         blocks = blocks_of(denoiser)
         # SD3's last block is "context pre-only" (returns no text stream), which diffusers' tail
         # hook cannot take: the cache spans the blocks before it, and the last block always runs.
@@ -204,13 +236,19 @@ class StepCache:
             hook_registry = block._diffusers_hook  # type: ignore[union-attr]
             for hook in hook_registry.hooks.values():
                 _make_switchable(hook, self)
+                if hasattr(hook, "_should_compute_remaining_blocks"):
+                    adaptive = hook._should_compute_remaining_blocks
+                    hook._should_compute_remaining_blocks = functools.partial(self._decide, adaptive)
+        _registry(denoiser).invalidate_child_registries_cache()
 
-    def remove(self) -> None:
-        """Take the hooks off again (the blocks' forward is what it was before)."""
-        for block in self._span:
-            hook_registry = block._diffusers_hook  # type: ignore[union-attr]
-            for name in list(hook_registry.hooks):
-                hook_registry.remove_hook(name, recurse=False)
+    def _decide(self, adaptive: Any, residual: torch.Tensor) -> bool:
+        step, self.step = self.step, self.step + 1
+        if self.policy == "schedule":
+            full = step < self.warmup or (step - self.warmup) % self.interval == self.interval - 1
+        else:
+            full = bool(adaptive(residual))
+        self.full_steps += full
+        return full
 
     @classmethod
     def supported(cls, denoiser: nn.Module | None) -> bool:
@@ -218,17 +256,31 @@ class StepCache:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        from diffusers.hooks import HookRegistry
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
         _set_cache_context(self.denoiser, CacheContext("batch"))
+        self.step = 0
         self._enabled = True
         try:
             yield
         finally:
             self._enabled = False
-            HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks()
+            _registry(self.denoiser).reset_stateful_hooks()
             _set_cache_context(self.denoiser, None)
+
+    def remove(self) -> None:
+        """Take the hooks off again (the blocks' forward is what it was before)."""
+        for block in self._span:
+            hook_registry = block._diffusers_hook  # type: ignore[union-attr]
+            for name in list(hook_registry.hooks):
+                hook_registry.remove_hook(name, recurse=False)
+        _registry(self.denoiser).invalidate_child_registries_cache()
+
+
+def _registry(module: nn.Module) -> Any:
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(module)
 
 
 def _context_pre_only(block: nn.Module) -> bool:

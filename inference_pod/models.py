@@ -149,18 +149,25 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     mode = settings.compile
     if mode == "auto":
         mode = "blocks" if device.startswith("cuda") else "off"
-    compiled = 0
+    compiled, decoder = 0, False
     if mode == "blocks":
         acceleration.use_compile_cache(settings.compile_cache_dir)
         compiled = acceleration.compile_blocks(denoiser)
+        decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
     step_cache = None
     if "fast" in settings.tiers.split(","):
         if not StepCache.supported(denoiser):
             raise ValueError(f"the fast tier needs a transformer with repeated blocks; {settings.model} has none")
-        step_cache = StepCache(denoiser, settings.fast_threshold)
+        step_cache = StepCache(
+            denoiser,
+            policy=settings.fast_policy,
+            interval=settings.fast_interval,
+            threshold=settings.fast_threshold,
+        )
     accel = Acceleration(
         fused_attentions=fused,
         compiled_blocks=compiled,
+        compiled_decoder=decoder,
         compile_mode="default" if compiled else None,
         step_cache=step_cache is not None,
     )
