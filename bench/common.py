@@ -74,6 +74,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale"
     )
     parser.add_argument(
+        "--tier", default="lossless", choices=("lossless", "fast"), help="quality tier every request asks for"
+    )
+    parser.add_argument(
         "--pod-arg",
         action="append",
         default=[],

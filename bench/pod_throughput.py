@@ -67,6 +67,7 @@ class Settings:
     steps: int
     size: tuple[int, int]
     guidance: float
+    tier: str
     warmup_batches: int
     batches: int
     deadline_s: float
@@ -111,6 +112,7 @@ async def _client(
             "num_inference_steps": cfg.steps,
             "guidance_scale": cfg.guidance,
             "seed": k,
+            "tier": cfg.tier,
         }
         k += clients
         sent = time.monotonic()
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         size=args.size,
         guidance=args.guidance,
+        tier=args.tier,
         warmup_batches=max(1, args.warmup_batches),
         batches=args.batches,
         deadline_s=args.deadline,

@@ -48,7 +48,7 @@ async def _generate(client: Any, prompt: str, args: argparse.Namespace) -> tuple
         n=1,
         size=common.size_text(args.size),
         response_format="b64_json",
-        extra_body={"num_inference_steps": args.steps, "guidance_scale": args.guidance},
+        extra_body={"num_inference_steps": args.steps, "guidance_scale": args.guidance, "tier": args.tier},
     )
     await asyncio.to_thread(common.decode_images, response.model_dump())
     return sent, time.monotonic() - sent

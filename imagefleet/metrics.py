@@ -28,7 +28,7 @@ POD_REQUESTS = PREFIX + "pod_requests"  # counter, labels endpoint, status
 POD_ERRORS = PREFIX + "pod_errors"  # counter, label kind
 POD_QUARANTINED = PREFIX + "pod_quarantined"
 POD_READY = PREFIX + "pod_ready"
-POD_MODEL_INFO = PREFIX + "pod_model"  # info: model, random_weights, device, dtype
+POD_MODEL_INFO = PREFIX + "pod_model"  # info: model, family, random_weights, device, dtype, tiers, compiled
 
 # outcomes of POD_IMAGES
 OUTCOME_COMPLETED = "completed"

@@ -46,6 +46,9 @@ TASKS: tuple[Task, ...] = ("generate", "edit")
 ENDPOINTS: dict[Task, str] = {"generate": "generations", "edit": "edits"}
 RESPONSE_FORMATS = ("b64_json", "url")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+TIERS = ("lossless", "fast")
+"""Quality tiers: ``lossless`` is the eager pipeline's maths (compiled, fused: bf16 rounding apart);
+``fast`` trades exactness for speed (a step cache). Every response names the tier that made it."""
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
 MAX_USER_CHARS = 256
@@ -169,18 +172,23 @@ class Limits:
     max_side: int
     max_steps: int
     max_prompt_chars: int
+    tiers: tuple[str, ...] = TIERS[:1]
 
     @classmethod
     def from_settings(cls, settings: PodSettings, *, model: str, size_multiple: int) -> Limits:
         values = {limit.attr: getattr(settings, limit.setting) for limit in LIMITS}
-        return cls(model=model, size_multiple=size_multiple, **values)
+        tiers = tuple(t for t in TIERS if t in settings.tiers.split(","))
+        return cls(model=model, size_multiple=size_multiple, tiers=tiers, **values)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Limits:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "tiers" in values:
+            values["tiers"] = tuple(values["tiers"])
+        return cls(**values)
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -245,6 +253,9 @@ FIELDS: tuple[Field, ...] = (
           doc="extension; image *i* of the request uses `seed + i`, so the same seed gives the same images"),
     Field("strength", Kind.NUMBER, "strength", DefaultFrom.PIPELINE, lo=Const(0), hi=Const(1), open_lo=True,
           key=True, prices=True, tasks=EDIT, doc="extension: how far from the input image to go"),
+    Field("tier", Kind.CHOICE, "tier", _CONST, "lossless", choices=TIERS, key=True,
+          doc="extension: `fast` (opt-in, where the pod serves it) may differ from `lossless` beyond "
+              "rounding; the response's `tier` field and `X-Imagefleet-Tier` header say which made it"),
     Field("image", Kind.FILE, None, _REQUIRED, tasks=EDIT, aliases=("image[]",),
           doc="PNG, JPEG or WebP; one image per request"),
     Field("mask", Kind.FILE, None, tasks=EDIT,
@@ -302,6 +313,7 @@ class ImageRequest:
     strength: float | None
     stream: bool = False
     partial_images: int = 0
+    tier: str = TIERS[0]
 
     @property
     def width(self) -> int | None:
@@ -355,6 +367,15 @@ def _model_is_served(values: Mapping[str, Any], limits: Limits) -> None:
         )
 
 
+def _tier_is_served(values: Mapping[str, Any], limits: Limits) -> None:
+    if values["tier"] not in limits.tiers:
+        raise InvalidRequest(
+            f"The tier '{values['tier']}' is not served here; this server serves: {', '.join(limits.tiers)}.",
+            param="tier",
+            code="tier_not_served",
+        )
+
+
 def _negative_prompt_needs_guidance(values: Mapping[str, Any], limits: Limits) -> None:
     guidance = values["guidance"]
     if values["negative_prompt"] is not None and guidance is not None and guidance <= 1.0:
@@ -385,6 +406,7 @@ RULES: tuple[Callable[[Mapping[str, Any], Limits], None], ...] = (
     _model_is_served,
     _negative_prompt_needs_guidance,
     _stream_is_one_b64_image,
+    _tier_is_served,
 )
 """Checks across fields, run after every field parsed on its own."""
 

@@ -146,7 +146,38 @@ class PodSettings:
         3, "consecutive failed batches after which the pod quarantines itself", minimum=1
     )
     warmup: bool = setting(True, "run and time small batches at start-up before reporting ready")
-    compile: bool = setting(False, "torch.compile the denoiser (GPU only; slow first start)")
+    warmup_sizes: str | None = setting(
+        None,
+        "comma-separated WxH sizes warmed up (and, when compiled, compiled) at every batch size before "
+        "the pod reports ready; default: the model's default size",
+    )
+    compile: str = setting(
+        "auto",
+        "torch.compile each repeated transformer block: auto (on a GPU) | blocks | off",
+        choices=("auto", "blocks", "off"),
+    )
+    compile_cache_dir: str | None = setting(
+        None, "directory keeping compiled code across restarts (Kubernetes: on the model-cache volume)"
+    )
+    fuse_projections: bool = setting(True, "one matrix product for query, key and value (SD3 family)")
+    tiers: str = setting(
+        "lossless",
+        "quality tiers served: lossless, or lossless,fast (fast: a first-block step cache, opt-in per request)",
+        choices=("lossless", "lossless,fast"),
+    )
+    fast_policy: str = setting(
+        "schedule",
+        "fast tier: schedule (every --fast-interval-th step runs all blocks after 3 full ones) | threshold "
+        "(diffusers' first-block cache rule, --fast-threshold)",
+        choices=("schedule", "threshold"),
+    )
+    fast_interval: int = setting(3, "fast tier, schedule: one full step in this many", minimum=1, maximum=10)
+    fast_threshold: float = setting(
+        0.1,
+        "fast tier, threshold: the first block's relative change below which a step reuses the cached rest",
+        minimum=0.001,
+        maximum=10,
+    )
     drain_timeout_s: float = setting(
         25.0,
         "seconds a stopping pod keeps working through accepted requests (above shutdown_timeout_s)",
@@ -169,6 +200,11 @@ class PodSettings:
     )
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        """``warmup_sizes`` as (width, height) pairs; [] means the model's default size."""
+        text = self.warmup_sizes or ""
+        return [parse_size(part, "--warmup-sizes") for part in text.split(",") if part.strip()]
+
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.max_queued_images < self.max_images_per_request:
@@ -190,6 +226,9 @@ class PodSettings:
             raise SettingsError(
                 f"--default-steps ({self.default_steps}) must not exceed --max-steps ({self.max_steps})"
             )
+        for size in self.warmup_size_list():
+            if size[0] * size[1] > self.max_pixels or max(size) > self.max_side:
+                raise SettingsError(f"--warmup-sizes: {size[0]}x{size[1]} exceeds --max-pixels or --max-side")
         if self.default_size is not None:
             width, height = parse_size(self.default_size, "--default-size")
             if width * height > self.max_pixels or max(width, height) > self.max_side:

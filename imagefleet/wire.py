@@ -32,6 +32,9 @@ FILE_PREFIX_HEADER = "X-Imagefleet-File-Prefix"
 """Router to pod: start the ids of files kept for ``response_format=url`` with this prefix (see
 :func:`compose_file_id`), so that the router can tell from an id which pod holds the file."""
 
+TIER_HEADER = "X-Imagefleet-Tier"
+"""Pod to client (relayed by routers): the quality tier that produced the images of a response."""
+
 # --- file ids ------------------------------------------------------------------------------------
 #
 # A file id is ``[<backend key>~]<token>.<format>``: the optional key names the pod that holds the

@@ -118,14 +118,32 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
         counters=rt.counters,
         clock=rt.clock,
     )
+    warmup_s = 0.0
     if settings.warmup:
-        await warm_up(scheduler, run_batch, rt.gpu, defaults, settings.max_batch_size)
+        warmup_s = await warm_up(
+            scheduler,
+            run_batch,
+            rt.gpu,
+            defaults,
+            settings.max_batch_size,
+            sizes=settings.warmup_size_list(),
+            compiled=model.acceleration.compiled_blocks > 0,
+        )
     scheduler.start()
     service = ImageService(
         info=info, defaults=defaults, limits=limits, scheduler=scheduler, cpu=rt.cpu, watches=watches
     )
-    rt.status = Serving(model=model, defaults=defaults, limits=limits, scheduler=scheduler, service=service)
-    log.info("Ready: %s on %s, max batch %d", info.id, info.device, settings.max_batch_size)
+    rt.status = Serving(
+        model=model, defaults=defaults, limits=limits, scheduler=scheduler, service=service, warmup_s=warmup_s
+    )
+    log.info(
+        "Ready: %s on %s, max batch %d, tiers %s (warm-up %.1f s)",
+        info.id,
+        info.device,
+        settings.max_batch_size,
+        ",".join(limits.tiers),
+        warmup_s,
+    )
 
 
 async def serve(settings: PodSettings) -> None:

@@ -20,12 +20,15 @@ import dataclasses
 import inspect
 import logging
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from imagefleet.inference_pod import acceleration
+from imagefleet.inference_pod.acceleration import Acceleration, StepCache
 from imagefleet.schema import Defaults
 from imagefleet.settings import PodSettings
 
@@ -67,6 +70,9 @@ class ModelInfo:
 class LoadedModel:
     info: ModelInfo
     text2img: Any
+    acceleration: Acceleration = field(default_factory=Acceleration)
+    step_cache: StepCache | None = None
+    """The fast tier's cache on the denoiser, when the pod serves that tier."""
     _derived: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,6 +89,12 @@ class LoadedModel:
                 derived.set_progress_bar_config(disable=True)
                 self._derived[task] = derived
             return self._derived[task]
+
+    def tier(self, name: str) -> AbstractContextManager[None]:
+        """Context for a pipeline call of tier ``name`` (the fast tier's cache on, or nothing)."""
+        if name == "fast" and self.step_cache is not None:
+            return self.step_cache.active()
+        return nullcontext()
 
 
 def resolve_device(name: str) -> str:
@@ -123,15 +135,14 @@ def load(settings: PodSettings) -> LoadedModel:
         ).to(device)
         random_weights = False
     pipe.set_progress_bar_config(disable=True)
-    if settings.compile:
-        compile_denoiser(pipe)
+    accel, step_cache = accelerate(pipe, settings, device)
     info = describe(
         pipe, model_id=name, source=source, random_weights=random_weights, device=device, dtype=dtype
     )
     if random_weights:
         log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
-    log.info("Loaded %s (%s, %s on %s)", name, info.family, info.dtype, device)
-    model = LoadedModel(info=info, text2img=pipe)
+    log.info("Loaded %s (%s, %s on %s; %s)", name, info.family, info.dtype, device, accel.to_json())
+    model = LoadedModel(info=info, text2img=pipe, acceleration=accel, step_cache=step_cache)
     model.info = derive_edit_pipelines(model)
     return model
 
@@ -151,6 +162,41 @@ def derive_edit_pipelines(model: LoadedModel) -> ModelInfo:
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             strengths[task] = float(default)
     return dataclasses.replace(model.info, tasks=tuple(tasks), strengths=strengths)
+
+
+def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Acceleration, StepCache | None]:
+    """The lossless rewrites the settings ask for, then the fast tier's cache (order matters:
+    the cache wraps the compiled blocks). See :mod:`.acceleration`."""
+    denoiser = acceleration.denoiser_of(pipe)
+    if denoiser is None:
+        return Acceleration(), None
+    fused = acceleration.fuse_qkv(denoiser) if settings.fuse_projections else 0
+    mode = settings.compile
+    if mode == "auto":
+        mode = "blocks" if device.startswith("cuda") else "off"
+    compiled, decoder = 0, False
+    if mode == "blocks":
+        acceleration.use_compile_cache(settings.compile_cache_dir)
+        compiled = acceleration.compile_blocks(denoiser)
+        decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
+    step_cache = None
+    if "fast" in settings.tiers.split(","):
+        if not StepCache.supported(denoiser):
+            raise ValueError(f"the fast tier needs a transformer with repeated blocks; {settings.model} has none")
+        step_cache = StepCache(
+            denoiser,
+            policy=settings.fast_policy,
+            interval=settings.fast_interval,
+            threshold=settings.fast_threshold,
+        )
+    accel = Acceleration(
+        fused_attentions=fused,
+        compiled_blocks=compiled,
+        compiled_decoder=decoder,
+        compile_mode="default" if compiled else None,
+        step_cache=step_cache is not None,
+    )
+    return accel, step_cache
 
 
 def family_of(pipe: Any) -> str:
@@ -191,12 +237,3 @@ def describe(
         defaults=Defaults(size=(side, side), steps=steps, guidance=guidance),
         supports_negative_prompt=accepts_negative,
     )
-
-
-def compile_denoiser(pipe: Any) -> None:
-    """torch.compile the denoiser (and the VAE decoder) in place; the first batches pay for it."""
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            setattr(pipe, name, torch.compile(module, mode="max-autotune-no-cudagraphs"))
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune-no-cudagraphs")

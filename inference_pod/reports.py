@@ -81,6 +81,8 @@ def model_labels(rt: PodRuntime) -> dict[str, str] | None:
         "random_weights": str(info.random_weights).lower(),
         "device": info.device,
         "dtype": info.dtype,
+        "tiers": ",".join(rt.status.limits.tiers),
+        "compiled": str(rt.status.model.acceleration.compiled_blocks > 0).lower(),
     }
 
 
@@ -102,6 +104,8 @@ def model_entry(rt: PodRuntime) -> dict[str, Any]:
             default_steps=defaults.steps,
             default_guidance_scale=defaults.guidance,
             size_multiple=info.size_multiple,
+            tiers=list(rt.status.limits.tiers),
+            acceleration={**rt.status.model.acceleration.to_json(), "warmup_s": round(rt.status.warmup_s, 1)},
         )
     return entry
 

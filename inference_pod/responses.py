@@ -36,14 +36,18 @@ async def images_response(
         "size": f"{req.width}x{req.height}",
         "background": "opaque",
         "quality": "auto",
+        "tier": req.tier,
     }
     if req.response_format == "url":
         prefix = request.headers.get(wire.FILE_PREFIX_HEADER, "")
         base = public_base(request)
         urls = [f"{base}{wire.FILES_PATH}{files.put(image, prefix)}" for image in result.images]
-        return json_response({**meta, "data": [{"url": url, "revised_prompt": None} for url in urls]})
-    body = await asyncio.get_running_loop().run_in_executor(cpu, render_b64_body, meta, result.images)
-    return web.Response(body=body, content_type="application/json")
+        response = json_response({**meta, "data": [{"url": url, "revised_prompt": None} for url in urls]})
+    else:
+        body = await asyncio.get_running_loop().run_in_executor(cpu, render_b64_body, meta, result.images)
+        response = web.Response(body=body, content_type="application/json")
+    response.headers[wire.TIER_HEADER] = req.tier
+    return response
 
 
 def public_base(request: web.Request) -> str:

@@ -47,6 +47,8 @@ class Serving:
     limits: Limits
     scheduler: Scheduler
     service: ImageService
+    warmup_s: float = 0.0
+    """Seconds the start-up warm-up (compilation included) took before the pod turned ready."""
 
 
 Status = Loading | LoadFailed | Serving

@@ -86,6 +86,21 @@ SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "qk_norm": "rms_norm",
 }
 
+SD3_TINY_TRANSFORMER: dict[str, Any] = {
+    **SD35_MEDIUM_TRANSFORMER,
+    "sample_size": 8,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 32,
+    "dual_attention_layers": (0, 1),
+}
+"""SD3.5-Medium's structure (dual attention, RMS-normed query and key, a context-pre-only last
+block) at a size a CPU runs in milliseconds: for tests of the SD3 code paths."""
+
 _VAE_COMMON: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -105,6 +120,13 @@ SD3_VAE: dict[str, Any] = {
     "shift_factor": 0.0609,
     "use_quant_conv": False,
     "use_post_quant_conv": False,
+}
+SD3_TINY_VAE: dict[str, Any] = {
+    **SD3_VAE,
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
 }
 SDXL_VAE: dict[str, Any] = {
     **_VAE_COMMON,
@@ -135,6 +157,14 @@ CLIP_G: dict[str, Any] = {
     "hidden_act": "gelu",
     "projection_dim": 1280,
 }
+CLIP_TINY: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
 T5_XXL: dict[str, Any] = {
     "d_model": 4096,
     "d_kv": 64,
@@ -150,6 +180,8 @@ T5_XXL: dict[str, Any] = {
     "use_cache": False,
     "tie_word_embeddings": False,
 }
+
+T5_TINY: dict[str, Any] = {**T5_XXL, "d_model": 64, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
 
 SDXL_UNET: dict[str, Any] = {
     "sample_size": 128,
@@ -227,8 +259,8 @@ def _clip_config(arch: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> CL
     )
 
 
-def _t5_config(tokenizer: PreTrainedTokenizerFast) -> T5Config:
-    return T5Config(**T5_XXL, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+def _t5_config(tokenizer: PreTrainedTokenizerFast, arch: dict[str, Any] = T5_XXL) -> T5Config:
+    return T5Config(**arch, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 # --- materialising meta modules on a device --------------------------------------------------------
@@ -353,6 +385,17 @@ def _sd35_medium_pipeline(parts: dict[str, Any]) -> DiffusionPipeline:
     )
 
 
+def _sd3_tiny_networks() -> dict[str, nn.Module]:
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    return {
+        "transformer": SD3Transformer2DModel(**SD3_TINY_TRANSFORMER),
+        "vae": AutoencoderKL(**SD3_TINY_VAE),
+        "text_encoder": CLIPTextModelWithProjection(_clip_config(CLIP_TINY, clip)),
+        "text_encoder_2": CLIPTextModelWithProjection(_clip_config(CLIP_TINY, clip)),
+        "text_encoder_3": T5EncoderModel(_t5_config(t5, T5_TINY)),
+    }
+
+
 def _sdxl_networks() -> dict[str, nn.Module]:
     clip = clip_tokenizer()
     return {
@@ -403,6 +446,7 @@ def _sd15_pipeline(parts: dict[str, Any]) -> DiffusionPipeline:
 
 ARCHS: dict[str, Arch] = {
     "sd3.5-medium": Arch(_sd35_medium_networks, _sd35_medium_pipeline),
+    "sd3-tiny": Arch(_sd3_tiny_networks, _sd35_medium_pipeline),
     "sdxl": Arch(_sdxl_networks, _sdxl_pipeline),
     "sd1.5": Arch(_sd15_networks, _sd15_pipeline),
 }

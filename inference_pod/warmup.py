@@ -3,8 +3,14 @@
 First requests then do not pay for lazy initialisation, and batch sizes 1, half of max (from 4)
 and max are timed at the model's default size, plus one sample at twice the steps, so the batcher
 knows from the start what batching buys (the batch cap and whether waiting pays) and admission
-prices other shapes by measured costs, per-call overhead told apart from per-step work. It runs the batches itself on the GPU
-thread, outside the queue, and hands what they measured to the scheduler.
+prices other shapes by measured costs, per-call overhead told apart from per-step work. It runs
+the batches itself on the GPU thread, outside the queue, and hands what they measured to the
+scheduler.
+
+A compiled pipeline (:mod:`.acceleration`) has static shapes: each (size, batch size) compiles on
+its first call. Before timing, the warm-up runs every batch size from 1 to the largest at every
+size of ``--warmup-sizes`` (2 steps each: the graphs do not depend on the step count), so no
+request at those sizes pays for a compilation. With the compile cache warm this takes seconds.
 """
 
 from __future__ import annotations
@@ -17,37 +23,74 @@ from concurrent.futures import Executor
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.scheduler import Scheduler
 from imagefleet.inference_pod.worker import BatchRun, RunBatch
-from imagefleet.schema import Defaults
+from imagefleet.schema import TIERS, Defaults
 
 log = logging.getLogger(__name__)
 
 PROMPT = "warm-up"
 
 
-def warmup_key(defaults: Defaults, scale: int = 1) -> CompatKey:
+def warmup_key(
+    defaults: Defaults, scale: int = 1, *, size: tuple[int, int] | None = None, steps: int | None = None
+) -> CompatKey:
     """A short generation at the model's default size: a quarter of the default steps (at least 2),
-    times ``scale``."""
-    steps = max(2, defaults.steps // 4) * scale
-    return CompatKey.of("generate", size=defaults.size, steps=steps, guidance=defaults.guidance)
+    times ``scale``; or ``steps`` at ``size``."""
+    return CompatKey.of(
+        "generate",
+        size=size or defaults.size,
+        steps=steps or max(2, defaults.steps // 4) * scale,
+        guidance=defaults.guidance,
+        tier=TIERS[0],
+    )
+
+
+async def compile_shapes(
+    run_batch: RunBatch, gpu: Executor, defaults: Defaults, sizes: list[tuple[int, int]], max_batch_size: int
+) -> float:
+    """Run every batch size at every size once (compiling each shape); returns the seconds taken."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    for size in sizes or [defaults.size]:
+        key = warmup_key(defaults, size=size, steps=2)
+        for batch in range(1, max_batch_size + 1):
+            shape_started = time.monotonic()
+            samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(batch)]
+            outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=key, samples=samples))
+            if outcome.error is not None:
+                log.warning("Compiling %dx%d at batch %d failed: %s", *size, batch, outcome.error)
+                break
+            log.info("Compiled %dx%d at batch %d in %.1f s", *size, batch, time.monotonic() - shape_started)
+    return time.monotonic() - started
 
 
 async def warm_up(
-    scheduler: Scheduler, run_batch: RunBatch, gpu: Executor, defaults: Defaults, max_batch_size: int
-) -> None:
-    """Time the batch curve of :func:`warmup_key` (sizes 1, max/2 from 4, and max), then one
-    sample at twice its steps, which tells the per-call overhead from the per-step work."""
+    scheduler: Scheduler,
+    run_batch: RunBatch,
+    gpu: Executor,
+    defaults: Defaults,
+    max_batch_size: int,
+    *,
+    sizes: list[tuple[int, int]] | None = None,
+    compiled: bool = False,
+) -> float:
+    """Compile every warm-up shape (when ``compiled``), then time the batch curve of
+    :func:`warmup_key` (sizes 1, max/2 from 4, and max) and one sample at twice its steps, which
+    tells the per-call overhead from the per-step work. Returns the seconds it took in all."""
     loop = asyncio.get_running_loop()
-    key = warmup_key(defaults)
-    sizes = [1, 1] + ([max_batch_size // 2] if max_batch_size >= 4 else [])
-    sizes += [max_batch_size] if max_batch_size > 1 else []
-    runs = [(key, size) for size in sizes] + [(warmup_key(defaults, scale=2), 1)]
     started = time.monotonic()
+    if compiled:
+        seconds = await compile_shapes(run_batch, gpu, defaults, sizes or [], max_batch_size)
+        log.info("Compiled every warm-up shape in %.1f s", seconds)
+    key = warmup_key(defaults)
+    batches = [1, 1] + ([max_batch_size // 2] if max_batch_size >= 4 else [])
+    batches += [max_batch_size] if max_batch_size > 1 else []
+    runs = [(key, size) for size in batches] + [(warmup_key(defaults, scale=2), 1)]
     for i, (run_key, size) in enumerate(runs):
         samples = [Sample(run_key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(size)]
         outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=run_key, samples=samples))
         if outcome.error is not None:
             log.warning("Warm-up batch of %d failed: %s", size, outcome.error)
-            return
+            return time.monotonic() - started
         if i == 0:  # the first run pays for lazy initialisation; learn nothing from its time
             outcome.timings.clear()
         scheduler.learn(run_key, outcome)
@@ -55,6 +98,7 @@ async def warm_up(
         "Warm-up done in %.1f s: batch 1 %.3f s, batch %d %.3f s",
         time.monotonic() - started,
         scheduler.estimate(key, 1) or 0,
-        sizes[-1],
-        scheduler.estimate(key, sizes[-1]) or 0,
+        batches[-1],
+        scheduler.estimate(key, batches[-1]) or 0,
     )
+    return time.monotonic() - started

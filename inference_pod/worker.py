@@ -241,7 +241,7 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
             kwargs["strength"] = key.strength
     if key.task == "inpaint":
         kwargs.update(mask_image=[s.mask for s in samples], height=key.height, width=key.width)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.tier(key.get("tier") or "lossless"):
         result = pipe(**kwargs)
     return list(result.images)
 

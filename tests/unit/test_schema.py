@@ -224,9 +224,10 @@ def test_the_key_fields_are_the_ones_that_change_the_pipeline_call() -> None:
         "num_inference_steps",
         "guidance_scale",
         "strength",
+        "tier",
     ]
     req = resolve_defaults(parse_generation({"prompt": "x"}, LIMITS), DEFAULTS, LIMITS)
-    assert dict(req.key_values()) == {"size": (512, 256), "steps": 28, "guidance": 4.5}
+    assert dict(req.key_values()) == {"size": (512, 256), "steps": 28, "guidance": 4.5, "tier": "lossless"}
 
 
 def test_docs_api_md_shows_the_field_table() -> None:
