@@ -28,6 +28,7 @@ POD_REQUESTS = PREFIX + "pod_requests"  # counter, labels endpoint, status
 POD_ERRORS = PREFIX + "pod_errors"  # counter, label kind
 POD_QUARANTINED = PREFIX + "pod_quarantined"
 POD_READY = PREFIX + "pod_ready"
+POD_CACHED_STEPS = PREFIX + "pod_cached_steps"  # counter: fast-tier steps served from the step cache
 POD_MODEL_INFO = PREFIX + "pod_model"  # info: model, family, random_weights, device, dtype, tiers, compiled
 
 # outcomes of POD_IMAGES

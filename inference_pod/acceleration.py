@@ -223,6 +223,8 @@ class StepCache:
         self.policy, self.interval, self.warmup, self.threshold = policy, interval, warmup, threshold
         self.step = 0
         self.full_steps = 0
+        self.cached_steps = 0
+        """Steps that reused the cache, over the cache's life (a Prometheus counter)."""
         blocks = blocks_of(denoiser)
         # SD3's last block is "context pre-only" (returns no text stream), which diffusers' tail
         # hook cannot take: the cache spans the blocks before it, and the last block always runs.
@@ -248,6 +250,7 @@ class StepCache:
         else:
             full = bool(adaptive(residual))
         self.full_steps += full
+        self.cached_steps += not full
         return full
 
     @classmethod

@@ -67,6 +67,7 @@ def gauges(rt: PodRuntime) -> Gauges:
         running_samples=snap.running_samples,
         quarantined=float(phase is PodPhase.QUARANTINED),
         ready=float(phase is PodPhase.SERVING),
+        cached_steps=float(status.model.step_cache.cached_steps if status.model.step_cache else 0),
     )
 
 

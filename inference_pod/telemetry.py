@@ -36,6 +36,7 @@ class Gauges:
     running_samples: float = 0.0
     quarantined: float = 0.0
     ready: float = 0.0
+    cached_steps: float = 0.0
 
 
 class PodCollector(Collector):
@@ -63,6 +64,12 @@ class PodCollector(Collector):
             m.POD_QUARANTINED, "1 when repeated GPU errors quarantined the pod", g.quarantined
         )
         yield GaugeMetricFamily(m.POD_READY, "1 when the model is loaded and the pod accepts work", g.ready)
+
+        yield CounterMetricFamily(
+            m.POD_CACHED_STEPS,
+            "Fast tier: denoising steps that reused the step cache instead of running every block",
+            g.cached_steps,
+        )
 
         c = self._counters
         yield _histogram(m.POD_BATCH_SIZE, "Samples per pipeline call", {(): c.batch_size})

@@ -1,0 +1,128 @@
+"""The lossless rewrites and the fast tier's step cache, on SD3.5-Medium's structure at test size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+
+from imagefleet.inference_pod import acceleration, synthetic
+
+STEPS = 12
+
+
+def transformer() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**synthetic.SD3_TINY_TRANSFORMER).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def call(model: SD3Transformer2DModel) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(2, 16, 16, 16, generator=g),
+            encoder_hidden_states=torch.randn(2, 10, 64, generator=g),
+            pooled_projections=torch.randn(2, 64, generator=g),
+            timestep=torch.tensor([500.0, 500.0]),
+        ).sample
+
+
+def test_fused_projections_compute_exactly_what_the_separate_ones_did() -> None:
+    model = transformer()
+    before = call(model)
+    fused = acceleration.fuse_qkv(model)
+    # three joint attentions and the image-only second attention of the two dual blocks
+    assert fused == 5
+    assert torch.equal(call(model), before)
+    # the separate projections are gone: the weights are not held twice
+    assert sum(hasattr(m, "to_qkv") for m in model.modules()) == 5
+    assert not any(hasattr(m, "to_qkv") and hasattr(m, "to_q") for m in model.modules())
+
+
+def test_diffusers_own_fusion_is_what_fuse_qkv_replaces() -> None:
+    """diffusers' helper fails on SD3.5's dual blocks (or drops the query/key norms): keep ours."""
+    model = transformer()
+    before = call(model)
+    model.fuse_qkv_projections()
+    try:
+        after = call(model)
+    except AttributeError:
+        return
+    assert not torch.allclose(after, before)
+
+
+class Counter:
+    """Counts calls of a block: the steps that ran all blocks, when it is a cached one."""
+
+    def __init__(self, block: Any) -> None:
+        self.calls = 0
+        inner = block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return inner(*args, **kwargs)
+
+        block.forward = forward
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Iterator[Any]:
+    pipeline = synthetic.build("sd3-tiny", "cpu", torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    acceleration.fuse_qkv(pipeline.transformer)
+    yield pipeline
+
+
+def images(pipe: Any) -> torch.Tensor:
+    with torch.inference_mode():
+        return pipe(
+            prompt=["a cat", "a dog"],
+            num_inference_steps=STEPS,
+            guidance_scale=4.5,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            output_type="pt",
+            height=64,
+            width=64,
+        ).images
+
+
+def test_the_scheduled_step_cache_runs_a_fixed_share_of_steps_and_only_while_active(pipe: Any) -> None:
+    lossless = images(pipe)
+    counter = Counter(acceleration.blocks_of(pipe.transformer)[1])
+    cache = acceleration.StepCache(pipe.transformer, policy="schedule", interval=3, warmup=3)
+    try:
+        counter.calls = 0
+        assert torch.equal(images(pipe), lossless)  # installed but inactive: transparent
+        assert counter.calls == STEPS
+        for _ in range(2):  # the state of one batch never leaks into the next
+            counter.calls = 0
+            with cache.active():
+                fast = images(pipe)
+            assert counter.calls == 3 + len(range(5, STEPS, 3))  # steps 0-2, then one in three
+            assert not torch.equal(fast, lossless)
+            assert (fast - lossless).abs().max() < 0.5  # an approximation, not another image
+        counter.calls = 0
+        assert torch.equal(images(pipe), lossless)
+        assert counter.calls == STEPS
+    finally:
+        cache.remove()
+    assert torch.equal(images(pipe), lossless)
+
+
+def test_the_threshold_rule_skips_only_when_the_first_block_barely_changes(pipe: Any) -> None:
+    counter = Counter(acceleration.blocks_of(pipe.transformer)[1])
+    for threshold, full in ((1e6, 1), (1e-9, STEPS)):
+        cache = acceleration.StepCache(pipe.transformer, policy="threshold", threshold=threshold)
+        try:
+            counter.calls = 0
+            with cache.active():
+                images(pipe)
+            assert counter.calls == full == cache.full_steps
+        finally:
+            cache.remove()
