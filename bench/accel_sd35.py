@@ -130,7 +130,9 @@ def warm_start(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-sizes", default="1,2,4")
     parser.add_argument("--fast", default="schedule:2,schedule:3,schedule:4,threshold:0.1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -156,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     pipe = build()
-    emit({"event": "build", "seconds": round(time.perf_counter() - start, 1), "card": torch.cuda.get_device_name()})
+    emit(
+        {
+            "event": "build",
+            "seconds": round(time.perf_counter() - start, 1),
+            "card": torch.cuda.get_device_name(),
+        }
+    )
     latents(pipe, 0)
     reference = images(pipe, args.seeds)
     for b in sizes:
@@ -167,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
 
     fused = acc.fuse_qkv(pipe.transformer)
     _, s = per_image(pipe, 1, args.repeats)
-    row("fused", batch=1, s_per_image=round(s, 4), fused_attentions=fused, **diff(images(pipe, args.seeds), reference))
+    row(
+        "fused",
+        batch=1,
+        s_per_image=round(s, 4),
+        fused_attentions=fused,
+        **diff(images(pipe, args.seeds), reference),
+    )
 
     acc.compile_blocks(pipe.transformer)
     lossless: list[torch.Tensor] = []
@@ -215,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     decoder.forward = torch.compile(decoder.forward, fullgraph=False, dynamic=False)
     _, first = timed(lambda: decode(pipe, lat))
     best = min(timed(lambda: decode(pipe, lat))[1] for _ in range(args.repeats))
-    row("vae-compiled", batch=1, first_call_s=round(first, 1), decode_s=round(best, 4), eager_decode_s=round(eager_decode, 4))
+    row(
+        "vae-compiled",
+        batch=1,
+        first_call_s=round(first, 1),
+        decode_s=round(best, 4),
+        eager_decode_s=round(eager_decode, 4),
+    )
 
     if args.warm_start:
         del pipe

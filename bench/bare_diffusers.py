@@ -59,7 +59,11 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Any:
     from imagefleet.inference_pod import models
     from imagefleet.settings import PodSettings
 
-    return models.load(PodSettings(model=model, device=device, dtype=dtype, warmup=False, compile="off", fuse_projections=False)).text2img
+    return models.load(
+        PodSettings(
+            model=model, device=device, dtype=dtype, warmup=False, compile="off", fuse_projections=False
+        )
+    ).text2img
 
 
 def _synchronize(pipe: Any) -> None:

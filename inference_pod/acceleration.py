@@ -112,8 +112,10 @@ class FusedJointAttention:
             out, context = out[:, :image_tokens], out[:, image_tokens:]
             if not attn.context_pre_only:
                 context = attn.to_add_out(context)
-            return attn.to_out[1](attn.to_out[0](out)), context
-        return attn.to_out[1](attn.to_out[0](out))
+            projected: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+            return projected, context
+        result: torch.Tensor = attn.to_out[1](attn.to_out[0](out))
+        return result
 
 
 def _heads(attn: Any, qkv: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,7 +175,7 @@ def compile_blocks(denoiser: nn.Module, mode: str | None = None) -> int:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     targets = blocks or [denoiser]
     for block in targets:
-        block.forward = torch.compile(block.forward, fullgraph=bool(blocks), dynamic=False, mode=mode)  # type: ignore[method-assign]
+        block.forward = torch.compile(block.forward, fullgraph=bool(blocks), dynamic=False, mode=mode)
     return len(targets)
 
 
@@ -182,7 +184,7 @@ def compile_decoder(vae: nn.Module | None) -> bool:
     decoder = getattr(vae, "decoder", None)
     if decoder is None:
         return False
-    decoder.forward = torch.compile(decoder.forward, dynamic=False)  # type: ignore[method-assign]
+    decoder.forward = torch.compile(decoder.forward, dynamic=False)
     return True
 
 
@@ -235,7 +237,7 @@ class StepCache:
         self._enabled = False
         self._span = span
         for block in span:
-            hook_registry = block._diffusers_hook  # type: ignore[union-attr]
+            hook_registry = _registry(block)
             for hook in hook_registry.hooks.values():
                 _make_switchable(hook, self)
                 if hasattr(hook, "_should_compute_remaining_blocks"):
@@ -274,7 +276,7 @@ class StepCache:
     def remove(self) -> None:
         """Take the hooks off again (the blocks' forward is what it was before)."""
         for block in self._span:
-            hook_registry = block._diffusers_hook  # type: ignore[union-attr]
+            hook_registry = _registry(block)
             for name in list(hook_registry.hooks):
                 hook_registry.remove_hook(name, recurse=False)
         _registry(self.denoiser).invalidate_child_registries_cache()

@@ -182,7 +182,9 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     step_cache = None
     if "fast" in settings.tiers.split(","):
         if not StepCache.supported(denoiser):
-            raise ValueError(f"the fast tier needs a transformer with repeated blocks; {settings.model} has none")
+            raise ValueError(
+                f"the fast tier needs a transformer with repeated blocks; {settings.model} has none"
+            )
         step_cache = StepCache(
             denoiser,
             policy=settings.fast_policy,

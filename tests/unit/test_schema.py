@@ -491,6 +491,7 @@ def test_the_cost_view_never_raises(fields: Any) -> None:
     view = cost_view(fields)
     assert view.n >= 1 and (view.width is None) == (view.height is None)
 
+
 def test_stream_and_partial_images_parse_from_json_and_forms() -> None:
     req = parse_generation({"prompt": "x", "stream": True, "partial_images": 3}, LIMITS)
     assert (req.stream, req.partial_images) == (True, 3)

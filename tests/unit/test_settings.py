@@ -32,9 +32,16 @@ def test_flag_beats_environment_beats_default() -> None:
 
 def test_types_are_parsed() -> None:
     s = parse(
-        ["--no-warmup", "--default-guidance", "3.5", "--revision", "none"], {"IMAGEFLEET_COMPILE": "blocks", "IMAGEFLEET_FUSE_PROJECTIONS": "no"}
+        ["--no-warmup", "--default-guidance", "3.5", "--revision", "none"],
+        {"IMAGEFLEET_COMPILE": "blocks", "IMAGEFLEET_FUSE_PROJECTIONS": "no"},
     )
-    assert s.warmup is False and s.compile == "blocks" and s.fuse_projections is False and s.default_guidance == 3.5 and s.revision is None
+    assert (
+        s.warmup is False
+        and s.compile == "blocks"
+        and s.fuse_projections is False
+        and s.default_guidance == 3.5
+        and s.revision is None
+    )
     r = settings.load(RouterSettings, {}, {"IMAGEFLEET_BACKENDS": "http://a:1, http://b:2"})
     assert r.backends == ("http://a:1", "http://b:2")
 
