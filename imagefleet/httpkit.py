@@ -42,8 +42,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 EDGE = web.AppKey("edge", EdgeState)
 """The app's connection and body limits and their shared state (see :func:`setup_edge`)."""
-_RESERVED = "imagefleet.body_reserved"
-ERROR_MARK = "imagefleet.error"
+_RESERVED = web.RequestKey("body_reserved", int)
+ERROR_MARK = web.ResponseKey("error_answer", bool)
 """Set on a response the error middleware made (so a counting middleware can tell who answered)."""
 BUFFERED_RETRY_AFTER_S = 1.0
 _CLOSE_AFTER = frozenset((408, 413))
