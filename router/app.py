@@ -24,6 +24,7 @@ from aiohttp import web
 from imagefleet import metrics as m
 from imagefleet import settings as settings_mod
 from imagefleet import wire
+from imagefleet.errors import Forbidden
 from imagefleet.httpkit import ERROR_MARK, Handler, edge_middleware, error_middleware, setup_edge
 from imagefleet.httpkit import serve as serve_app
 from imagefleet.router.auth import KeyStore, needs_key
@@ -100,13 +101,25 @@ async def count_responses(request: web.Request, handler: Handler) -> web.StreamR
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API key, or for a file URL a valid signature instead (a bad one is a 403 unless the
+    request also carries a good key: links signed by a replica with another key still work then)."""
     rt = request.app[RUNTIME]
+    if not rt.keys.enabled or not needs_key(request.path, rt.settings.protect_metrics):
+        return await handler(request)
+    authorization = request.headers.get("Authorization")
     if request.path.startswith(wire.FILES_PATH) and signed_request(request.query):
-        rt.signer.verify(
-            request.path[len(wire.FILES_PATH) :], request.query.get("expires"), request.query.get("signature")
-        )
-    elif rt.keys.enabled and needs_key(request.path, rt.settings.protect_metrics):
-        rt.keys.check(request.headers.get("Authorization"))
+        try:
+            rt.signer.verify(
+                request.path[len(wire.FILES_PATH) :],
+                request.query.get("expires"),
+                request.query.get("signature"),
+            )
+        except Forbidden:
+            if authorization is None:
+                raise
+        else:
+            return await handler(request)
+    rt.keys.check(authorization)
     return await handler(request)
 
 
