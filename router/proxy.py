@@ -25,7 +25,6 @@ connection the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from imagefleet.errors import BadGateway, Timeout, Unavailable
+from imagefleet.httpkit import ERROR_MARK
 from imagefleet.router import telemetry as t
 from imagefleet.router.cost import Shape
 from imagefleet.router.loadview import BackendView
@@ -118,16 +118,25 @@ async def unless_ejected(
     try:
         await asyncio.wait((task, ejected), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
-        task.cancel()
+        _abandon(task)
         raise
     finally:
         view.ejection_waiters.discard(ejected)
     if task.done():
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
-        await task
+    _abandon(task)
     raise BackendEjected
+
+
+def _abandon(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """Cancel a request nobody waits for any more; close its response should one still arrive."""
+
+    def close(done: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    task.add_done_callback(close)
+    task.cancel()
 
 
 async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web.StreamResponse:
@@ -141,8 +150,10 @@ async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web
     try:
         async with asyncio.timeout_at(deadline):
             sent = await _send(rt, request, out, attempt)
-            if isinstance(sent, Buffered):
-                return web.Response(body=sent.body, status=sent.status, headers=sent.headers)
+            if isinstance(sent, Buffered):  # every pod was full: the router's own 429
+                answer = web.Response(body=sent.body, status=sent.status, headers=sent.headers)
+                answer[ERROR_MARK] = True
+                return answer
             upstream = sent
             attempt.view = upstream.view
             return await _relay(request, upstream, reply, out.rewrite)

@@ -110,6 +110,8 @@ def test_a_full_pod_is_passed_over_and_429_comes_back_only_when_all_are_full(idl
         assert (
             reply.body["error"]["type"] == "rate_limit_error" and reply.body["error"]["code"] == "queue_full"
         )
+        responses = metrics.ROUTER_RESPONSES + "_total"
+        assert scrape(router.url).value(responses, endpoint="generations", status="429", origin="router") == 1
     finally:
         for h in held:
             h.hang_up()
