@@ -17,7 +17,11 @@ from typing import Any
 
 import pytest
 
+from imagefleet import settings as settings_mod
+from imagefleet.inference_pod.app import create_app
+from imagefleet.settings import PodSettings
 from imagefleet.testing.routers import RouterThread, call, router_settings
+from imagefleet.testing.servers import ServerThread, wait_ready
 from tests.conftest import Pod
 
 KEY = "sk-edge-test-key-0123"
@@ -85,16 +89,24 @@ def router(make_router: Callable[..., RouterThread]) -> RouterThread:
     return make_router(api_keys=(KEY,))
 
 
-@pytest.fixture(scope="module")
-def pod_server() -> Iterator[Pod]:
-    from imagefleet import settings as settings_mod
-    from imagefleet.inference_pod.app import create_app
-    from imagefleet.settings import PodSettings
-    from imagefleet.testing.servers import ServerThread, wait_ready
-
-    pod_settings = settings_mod.load(PodSettings, env={}, model="tiny", warmup=False)
+def serve_pod(**overrides: Any) -> ServerThread:
+    pod_settings = settings_mod.load(PodSettings, env={}, model="tiny", warmup=False, **overrides)
     server = ServerThread(lambda: create_app(pod_settings)).start()
     wait_ready(server.url, timeout=120)
+    return server
+
+
+@pytest.fixture(scope="module")
+def pod_server() -> Iterator[Pod]:
+    server = serve_pod()
+    yield Pod(server)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def impatient_pod() -> Iterator[Pod]:
+    """A pod with half-second header, keep-alive and body timeouts."""
+    server = serve_pod(header_timeout_s=0.5, keepalive_timeout_s=0.5, body_timeout_s=0.5)
     yield Pod(server)
     server.stop()
 
@@ -217,25 +229,26 @@ def test_parse_errors_are_logged_a_few_times_per_interval(
 
 
 def test_a_connection_that_sends_half_a_header_is_closed_after_the_header_timeout(
-    make_router: Callable[..., RouterThread], pod_server: Pod
+    make_router: Callable[..., RouterThread], impatient_pod: Pod
 ) -> None:
     router = make_router(header_timeout_s=0.5)
-    for url in (router.url,):
+    for url in (router.url, impatient_pod.url):
         with connect(url) as sock:
             sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Half: ")
             assert recv_all(sock) == b""  # closed, not left open
 
 
 def test_a_silent_connection_and_an_idle_keep_alive_are_closed(
-    make_router: Callable[..., RouterThread],
+    make_router: Callable[..., RouterThread], impatient_pod: Pod
 ) -> None:
     router = make_router(header_timeout_s=0.5, keepalive_timeout_s=0.5)
-    with connect(router.url) as sock:
-        assert recv_all(sock) == b""
-    with connect(router.url) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        raw = recv_all(sock)
-        assert raw.startswith(b"HTTP/1.1 200") and b"<still open>" not in raw
+    for url in (router.url, impatient_pod.url):
+        with connect(url) as sock:
+            assert recv_all(sock) == b""
+        with connect(url) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw = recv_all(sock)
+            assert raw.startswith(b"HTTP/1.1 200") and b"<still open>" not in raw
 
 
 def test_a_declared_oversize_body_gets_413_before_it_is_sent(router: RouterThread, pod_server: Pod) -> None:
@@ -254,16 +267,17 @@ def test_a_declared_oversize_body_gets_413_before_it_is_sent(router: RouterThrea
             assert headers.get("connection", "").lower() == "close"
 
 
-def test_a_stalled_body_gets_408(make_router: Callable[..., RouterThread]) -> None:
+def test_a_stalled_body_gets_408(make_router: Callable[..., RouterThread], impatient_pod: Pod) -> None:
     router = make_router(body_timeout_s=0.5)
-    with connect(router.url) as sock:
-        sock.sendall(
-            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 100\r\n\r\n{"prompt": '
-        )
-        status, _, body = response_of(recv_all(sock))
-    assert status == 408
-    assert body["error"]["code"] == "body_timeout"
+    for url in (router.url, impatient_pod.url):
+        with connect(url) as sock:
+            sock.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"prompt": '
+            )
+            status, _, body = response_of(recv_all(sock))
+        assert status == 408
+        assert body["error"]["code"] == "body_timeout"
 
 
 def test_bodies_held_across_requests_are_capped(make_router: Callable[..., RouterThread]) -> None:
