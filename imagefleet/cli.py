@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 from imagefleet import __version__, generate, settings
 from imagefleet.settings import (
+    HttpServerSettings,
     OperatorSettings,
     PodSettings,
     RouterSettings,
@@ -66,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
             "stop_timeout_s",
         ),
     )
+    # the HTTP server settings (and the body limit) are the router's flags, and apply to the pods too
+    http = tuple(f.name for f in dataclasses.fields(HttpServerSettings))
     settings.add_arguments(
-        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb", "instance_id")
+        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb", "instance_id", *http)
     )
     operator = sub.add_parser(
         "operator", help="run the Kubernetes operator (ImageGenerator resources to pods and a router)"

@@ -51,6 +51,13 @@ class Unauthorized(APIError):
     type = "authentication_error"
 
 
+class Forbidden(APIError):
+    """The request names something it may not have (an expired or altered signed URL)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
@@ -61,6 +68,13 @@ class MethodNotAllowed(APIError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(APIError):
+    """The client took too long to send its request."""
+
+    status = 408
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -68,6 +82,11 @@ class PayloadTooLarge(APIError):
 
 class UnsupportedMediaType(APIError):
     status = 415
+    type = "invalid_request_error"
+
+
+class HeadersTooLarge(APIError):
+    status = 431
     type = "invalid_request_error"
 
 
@@ -133,10 +152,13 @@ def error_body(error: APIError) -> bytes:
 _BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
+    431: HeadersTooLarge,
     503: Unavailable,
     504: Timeout,
 }

@@ -2,7 +2,14 @@
 
 Every error leaves in OpenAI's envelope with the right status, whether a handler raised an
 :class:`~imagefleet.errors.APIError`, aiohttp raised an ``HTTPException`` (unknown route, wrong
-method, body too large), or a bug raised anything else (500, generic message, traceback logged).
+method, body too large), a body could not be decoded (``Content-Encoding`` that does not match
+the bytes: 400), or a bug raised anything else (500, generic message, traceback logged).
+Requests aiohttp cannot parse at all are answered by :mod:`imagefleet.edge`.
+
+Request bodies are read with :func:`read_body`: a declared ``Content-Length`` above the limit is
+a 413 before any byte is read (:func:`edge_middleware`, for every route), a body that stops
+arriving for ``body_timeout_s`` is a 408, and the bytes every request in flight holds count
+against one budget per server (``max_buffered_bytes``; 503 with Retry-After beyond it).
 """
 
 from __future__ import annotations
@@ -14,12 +21,33 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
-from imagefleet.errors import APIError, GenerationFailed, InvalidRequest, UnsupportedMediaType, from_status
+from imagefleet.edge import EdgeLimits, EdgeRunner, EdgeState, rate_limit_accept_errors
+from imagefleet.errors import (
+    APIError,
+    GenerationFailed,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unavailable,
+    UnsupportedMediaType,
+    from_status,
+)
+from imagefleet.settings import HttpServerSettings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EDGE = web.AppKey("edge", EdgeState)
+"""The app's connection and body limits and their shared state (see :func:`setup_edge`)."""
+_RESERVED = web.RequestKey("body_reserved", int)
+ERROR_MARK = web.ResponseKey("error_answer", bool)
+"""Set on a response the error middleware made (so a counting middleware can tell who answered)."""
+BUFFERED_RETRY_AFTER_S = 1.0
+_CLOSE_AFTER = frozenset((408, 413))
+"""Statuses answered before the body was read: the connection is closed after them."""
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -32,7 +60,11 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: APIError) -> web.Response:
-    return json_response(error.envelope(), status=error.status, headers=error.headers or None)
+    response = json_response(error.envelope(), status=error.status, headers=error.headers or None)
+    response[ERROR_MARK] = True
+    if error.status in _CLOSE_AFTER:
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -46,11 +78,96 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return error_response(from_status(exc.status, message))
+    except RequestPayloadError as exc:  # e.g. Content-Encoding: gzip on bytes that are not gzip
+        response = error_response(
+            InvalidRequest(f"The request body could not be read: {_payload_error(exc)}.")
+        )
+        response.force_close()  # the rest of the body cannot be read either
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("Unhandled error on %s %s", request.method, request.path)
         return error_response(GenerationFailed("Internal server error.", code="internal_error"))
+
+
+def _payload_error(exc: BaseException) -> str:
+    """aiohttp's payload error without the bytes it may quote: its first line, shortened."""
+    text = str(exc).replace("400, message:", "").strip().splitlines()
+    return (text[0].strip() if text else type(exc).__name__)[:120]
+
+
+def setup_edge(app: web.Application, settings: HttpServerSettings, max_body_bytes: int) -> EdgeState:
+    """Give ``app`` its connection and body limits (read by :func:`serve` and :func:`read_body`)."""
+    state = EdgeState(EdgeLimits.from_settings(settings, max_body_bytes))
+    app[EDGE] = state
+    return state
+
+
+def edge_state(app: web.Application) -> EdgeState:
+    """The app's limits; an app that was given none gets the settings' defaults."""
+    state = app.get(EDGE)
+    if state is None:
+        state = EdgeState(EdgeLimits.from_settings(HttpServerSettings(), app._client_max_size))
+        if not app.frozen:
+            app[EDGE] = state
+    return state
+
+
+@web.middleware
+async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """413 for a declared body above the limit, before reading it; the body budget released after."""
+    state = edge_state(request.app)
+    declared = request.content_length
+    if declared is not None and declared > state.limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"The request body ({declared} bytes) exceeds the limit of {state.limits.max_body_bytes} bytes.",
+            code="body_too_large",
+        )
+    try:
+        return await handler(request)
+    finally:
+        state.release(request.get(_RESERVED, 0))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the size limit, the inactivity timeout and the shared budget."""
+    state = edge_state(request.app)
+    limits = state.limits
+    declared = request.content_length or 0
+    if declared > limits.max_body_bytes:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limits.max_body_bytes} bytes.")
+    _reserve(request, state, declared)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            async with asyncio.timeout(limits.body_timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            state.count("body_timeout")
+            raise RequestTimeout(
+                f"The request body stopped arriving for {limits.body_timeout_s:g} s.", code="body_timeout"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limits.max_body_bytes:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limits.max_body_bytes} bytes.")
+        if total > request.get(_RESERVED, 0):
+            _reserve(request, state, total - request.get(_RESERVED, 0))
+        chunks.append(chunk)
+
+
+def _reserve(request: web.Request, state: EdgeState, nbytes: int) -> None:
+    if not state.reserve(nbytes):
+        state.count("buffer_full")
+        raise Unavailable(
+            "The server holds as many request bodies as it may; retry shortly.",
+            retry_after=BUFFERED_RETRY_AFTER_S,
+            code="server_busy",
+        )
+    request[_RESERVED] = request.get(_RESERVED, 0) + nbytes
 
 
 def require_content_type(request: web.Request, *allowed: str) -> None:
@@ -63,7 +180,7 @@ def require_content_type(request: web.Request, *allowed: str) -> None:
 async def read_json(request: web.Request) -> Any:
     """The body as JSON; 415 for another content type, 400 for bad JSON, 413 when too large."""
     require_content_type(request, "application/json")
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -76,11 +193,16 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     """Start ``app`` listening on ``host:port``; the caller awaits ``runner.cleanup()`` to stop.
 
     The one way the pod, the router, local mode and the tests start an aiohttp app: handler
-    cancellation on (a client that leaves cancels its handler), no access log, and the time
-    handlers in flight get when the app stops (``shutdown_timeout``, seconds) set on the runner.
-    A port that is taken raises OSError from here, before anything is served.
+    cancellation on (a client that leaves cancels its handler), no access log, the time
+    handlers in flight get when the app stops (``shutdown_timeout``, seconds) set on the runner,
+    and the app's connection limits (:mod:`imagefleet.edge`; accept errors rate-limited in the
+    log). A port that is taken raises OSError from here, before anything is served.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout)
+    state = edge_state(app)
+    rate_limit_accept_errors(asyncio.get_running_loop(), state.errors)
+    runner = EdgeRunner(
+        app, edge=state, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -42,6 +42,12 @@ ROUTER_RETRIES = PREFIX + "router_retries"  # counter, label reason
 ROUTER_PICK_SECONDS = PREFIX + "router_pick_duration_seconds"
 ROUTER_BACKENDS = PREFIX + "router_backends"  # gauge, label state: known, healthy, ready
 ROUTER_REQUEST_SECONDS = PREFIX + "router_request_duration_seconds"  # histogram, label endpoint
+ROUTER_RESPONSES = PREFIX + "router_responses"  # counter, labels endpoint, status, origin
+ROUTER_CONNECTION_ERRORS = PREFIX + "router_connection_errors"  # counter, label kind
+
+# origins of ROUTER_RESPONSES
+ORIGIN_ROUTER = "router"
+ORIGIN_BACKEND = "backend"
 
 # --- operator ---
 OPERATOR_PASSES = PREFIX + "operator_reconcile_passes"  # counter, label result

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from imagefleet import wire
 
 ENV_PREFIX = "IMAGEFLEET_"
 
@@ -65,7 +68,44 @@ def flag_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class PodSettings:
+class HttpServerSettings:
+    """How the pod's and the router's HTTP servers treat connections (both inherit these).
+
+    A connection gets ``header_timeout_s`` to deliver a request's headers (from its first byte,
+    or from the connection's opening), ``body_timeout_s`` between two pieces of a body being
+    read, and ``keepalive_timeout_s`` idle between requests. At most ``max_connections`` are
+    served at once (a connection beyond the cap is answered 503 and closed), a declared
+    Content-Length above the body limit is refused with 413 before any of the body is read,
+    and request bodies held in memory across all requests together stay within
+    ``max_buffered_mb`` (a request that would exceed it gets 503 with Retry-After).
+    """
+
+    header_timeout_s: float = setting(
+        10.0, "seconds a connection may take to send a request's headers", minimum=0.1, maximum=3600
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "seconds a request body may go without sending a byte while it is read",
+        minimum=0.1,
+        maximum=3600,
+    )
+    keepalive_timeout_s: float = setting(
+        75.0, "seconds an idle keep-alive connection stays open", minimum=0.1, maximum=3600
+    )
+    max_connections: int = setting(
+        4096, "connections served at once; more are answered 503 and closed", minimum=1, maximum=1000000
+    )
+    max_buffered_mb: float = setting(
+        256.0, "request bodies held in memory across all requests together, in MiB", minimum=0.001
+    )
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return int(self.max_buffered_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class PodSettings(HttpServerSettings):
     """An inference pod: one process, one GPU (or the CPU), one model.
 
     Stopping takes three steps, each with its own time budget (seconds):
@@ -237,6 +277,7 @@ class PodSettings:
                     f"or --max-side ({self.max_side})"
                 )
         _ordered(self, "shutdown_timeout_s", "drain_timeout_s")
+        _check_http(self, self.max_body_mb)
         if self.drain_timeout_s + self.shutdown_timeout_s >= self.stop_timeout_s:
             raise SettingsError(
                 f"--stop-timeout-s ({self.stop_timeout_s}) must exceed --drain-timeout-s "
@@ -250,7 +291,7 @@ class PodSettings:
 
 
 @dataclass(frozen=True)
-class RouterSettings:
+class RouterSettings(HttpServerSettings):
     """The router: the one address clients use, in front of every pod of one model.
 
     On SIGTERM the router stops accepting connections and gives requests in flight
@@ -283,6 +324,22 @@ class RouterSettings:
     api_keys: tuple[str, ...] = setting((), "accepted Bearer API keys, comma separated", secret=True)
     api_keys_file: str | None = setting(None, "file (e.g. a mounted Secret) with one API key per line")
     protect_metrics: bool = setting(True, "when API keys are set, /metrics and /stats need one too")
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "addresses or CIDRs of proxies whose X-Forwarded-Proto/Host/Prefix are believed, comma separated",
+    )
+    public_base_url: str | None = setting(
+        None, "scheme://host[/prefix] that image URLs start with (default: from the request)"
+    )
+    url_signing_key: str | None = setting(
+        None, "key that signs image URLs (all router replicas need the same one)", secret=True
+    )
+    url_signing_key_file: str | None = setting(
+        None, "file (e.g. a mounted Secret) holding the key that signs image URLs"
+    )
+    signed_url_ttl_s: float = setting(
+        3600.0, "how long a signed image URL stays valid", minimum=1, maximum=7 * 24 * 3600
+    )
     max_body_mb: float = setting(32.0, "largest request body (uploads included), in MiB")
     web: bool = setting(
         True,
@@ -307,6 +364,21 @@ class RouterSettings:
         _positive(self, "port", "backend_port", "poll_interval_ms", "request_timeout_s", "max_attempts")
         _positive(self, "eject_after", "backoff_s", "backoff_max_s", "max_body_mb")
         _ordered(self, "shutdown_timeout_s", "stop_timeout_s")
+        _check_http(self, self.max_body_mb)
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(f"--trusted-proxies: {proxy!r} is not an address or CIDR") from None
+        if self.public_base_url is not None and not wire.valid_public_base(self.public_base_url.rstrip("/")):
+            raise SettingsError(
+                f"--public-base-url {self.public_base_url!r}: expected http(s)://host[:port][/prefix] "
+                "(no user, query, fragment, '.' or '..' segments)"
+            )
+        if self.url_signing_key is not None and len(self.url_signing_key) < 16:
+            raise SettingsError(
+                "--url-signing-key / IMAGEFLEET_URL_SIGNING_KEY must be at least 16 characters"
+            )
 
     @property
     def max_body_bytes(self) -> int:
@@ -451,6 +523,14 @@ def _ordered(obj: object, smaller: str, larger: str) -> None:
     low, high = getattr(obj, smaller), getattr(obj, larger)
     if not low < high:
         raise SettingsError(f"{flag_name(smaller)} ({low}) must be below {flag_name(larger)} ({high})")
+
+
+def _check_http(obj: HttpServerSettings, max_body_mb: float) -> None:
+    if obj.max_buffered_mb < max_body_mb:
+        raise SettingsError(
+            f"--max-buffered-mb ({obj.max_buffered_mb}) must be at least --max-body-mb ({max_body_mb}): "
+            "otherwise a body of the largest allowed size could never be read"
+        )
 
 
 def _positive(obj: object, *names: str) -> None:

@@ -34,6 +34,32 @@ FILE_PREFIX_HEADER = "X-Imagefleet-File-Prefix"
 
 TIER_HEADER = "X-Imagefleet-Tier"
 """Pod to client (relayed by routers): the quality tier that produced the images of a response."""
+PUBLIC_BASE_HEADER = "X-Imagefleet-Public-Base"
+"""Router to pod: ``scheme://host[:port][/prefix]`` that the URLs of ``response_format=url`` start
+with. The router always sets it (and never passes a client's), so a client cannot choose where
+returned URLs point; the pod falls back to its own address without it."""
+_HOST = r"(?:[A-Za-z0-9][A-Za-z0-9.\-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+_PREFIX_SEGMENT = r"/[A-Za-z0-9_~\-][A-Za-z0-9._~\-]{0,127}"
+_PUBLIC_BASE = re.compile(rf"^https?://{_HOST}(?:{_PREFIX_SEGMENT}){{0,16}}$")
+_PUBLIC_HOST = re.compile(rf"^{_HOST}$")
+_PUBLIC_PREFIX = re.compile(rf"^(?:{_PREFIX_SEGMENT}){{0,16}}$")
+
+
+def valid_public_base(value: str) -> bool:
+    """Whether a PUBLIC_BASE_HEADER value is well formed: no user info, query or fragment, and no
+    ``.``/``..`` segment, empty segment or percent-escape in the prefix."""
+    return bool(_PUBLIC_BASE.match(value))
+
+
+def valid_public_host(host: str) -> bool:
+    """``host[:port]`` as it may appear in a public base."""
+    return bool(_PUBLIC_HOST.match(host))
+
+
+def valid_public_prefix(prefix: str) -> bool:
+    """A path prefix (``/a/b``, or "") as it may appear in a public base."""
+    return bool(_PUBLIC_PREFIX.match(prefix))
+
 
 # --- file ids ------------------------------------------------------------------------------------
 #

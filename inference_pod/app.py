@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from imagefleet.httpkit import Handler, error_middleware
+from imagefleet.httpkit import Handler, edge_middleware, error_middleware, setup_edge
 from imagefleet.httpkit import serve as serve_app
 from imagefleet.inference_pod import faults, models, previews, reports, telemetry, worker
 from imagefleet.inference_pod.files import FileStore
@@ -37,8 +37,10 @@ _ENDPOINTS = {"/v1/images/generations": "generations", "/v1/images/edits": "edit
 def create_app(settings: PodSettings, *, model: models.LoadedModel | None = None) -> web.Application:
     """Build the pod app. ``model`` skips loading (tests that share one loaded pipeline)."""
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[count_requests, error_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[count_requests, error_middleware, edge_middleware],
     )
+    setup_edge(app, settings, settings.max_body_bytes)
     rt = PodRuntime(
         settings=settings,
         files=FileStore(settings.file_ttl_s, int(settings.file_store_mb * 1024 * 1024)),

@@ -1,15 +1,16 @@
 """Rendering images as the Images API's response: base64 in the body, or links to kept files.
 
-Links are built from the address the client used (``Host``, or the ``X-Forwarded-*`` headers of a
-proxy in front), each header checked so that a forged one cannot make a link point elsewhere
-than a plausible host. Base64 bodies of several megabytes are assembled on the CPU pool.
+Links start with the base the router names in :data:`~imagefleet.wire.PUBLIC_BASE_HEADER` (the
+router sets it itself and never passes a client's); without it, or with a malformed one, with
+this pod's own address as the request reached it. Client ``X-Forwarded-*`` headers are never
+read: the router decides which proxies to believe. Base64 bodies of several megabytes are
+assembled on the CPU pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from concurrent.futures import Executor
 from typing import Any
@@ -21,9 +22,6 @@ from imagefleet.httpkit import json_response
 from imagefleet.inference_pod.encoding import Encoded
 from imagefleet.inference_pod.files import FileStore
 from imagefleet.inference_pod.service import Result
-
-_HOST_OK = re.compile(r"^[A-Za-z0-9.\-:\[\]]{1,255}$")
-_PREFIX_OK = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 
 
 async def images_response(
@@ -52,16 +50,12 @@ async def images_response(
 
 def public_base(request: web.Request) -> str:
     """``scheme://host[/prefix]`` as the client sees this server."""
-    proto = (request.headers.get("X-Forwarded-Proto") or request.scheme).split(",")[0].strip()
-    host = (request.headers.get("X-Forwarded-Host") or request.host).split(",")[0].strip()
-    if proto not in ("http", "https"):
-        proto = request.scheme
-    if not _HOST_OK.match(host):
-        host = request.host if _HOST_OK.match(request.host) else "localhost"
-    prefix = request.headers.get("X-Forwarded-Prefix", "").strip().rstrip("/")
-    if prefix and not _PREFIX_OK.match(prefix):
-        prefix = ""
-    return f"{proto}://{host}{prefix}"
+    named = request.headers.get(wire.PUBLIC_BASE_HEADER, "").strip().rstrip("/")
+    if named and wire.valid_public_base(named):
+        return named
+    scheme = request.scheme if request.scheme in ("http", "https") else "http"
+    host = request.host if wire.valid_public_host(request.host) else "localhost"
+    return f"{scheme}://{host}"
 
 
 def render_b64_body(meta: dict[str, Any], images: list[Encoded]) -> bytes:

@@ -5,8 +5,10 @@ local mode (in-process) and ``imagefleet router`` all share one builder. One cle
 everything with a lifetime: the client session (one connection pool to all pods), the pollers
 and the discovery task.
 
-Middlewares, outermost first: errors to OpenAI's envelope (so a 401 or 413 wears it too), then
-API keys (the web pages are open: what they fetch needs a key like any client's request).
+Middlewares, outermost first: counting every answer (``imagefleet_router_responses_total``),
+errors to OpenAI's envelope (so a 401 or 413 wears it too), body limits (a declared oversize
+body is a 413 before it is read), then API keys (or a file URL's signature; the web pages are open: what they fetch needs a key
+like any client's request).
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from imagefleet import metrics as m
 from imagefleet import settings as settings_mod
-from imagefleet.httpkit import Handler, error_middleware
+from imagefleet import wire
+from imagefleet.errors import Forbidden
+from imagefleet.httpkit import ERROR_MARK, Handler, edge_middleware, error_middleware, setup_edge
 from imagefleet.httpkit import serve as serve_app
 from imagefleet.router.auth import KeyStore, needs_key
 from imagefleet.router.discovery import Discovery, KubernetesDiscovery, StaticDiscovery
 from imagefleet.router.loadview import LoadView
 from imagefleet.router.pick import PICKERS
 from imagefleet.router.poller import Poller
+from imagefleet.router.publicurl import networks
 from imagefleet.router.routes import setup_routes
+from imagefleet.router.signing import UrlSigner, signed_request
 from imagefleet.router.state import RUNTIME, RouterRuntime
 from imagefleet.router.telemetry import RouterMetrics
 from imagefleet.router.web import is_page, setup_web
@@ -52,6 +59,8 @@ def create_app(
         metrics=RouterMetrics(),
         keys=KeyStore(settings.api_keys, settings.api_keys_file),
         picker=PICKERS[settings.pick],
+        signer=UrlSigner.from_settings(settings),
+        trusted=networks(settings.trusted_proxies),
         rng=rng or random.Random(),
     )
     rt.metrics.bind(
@@ -60,8 +69,11 @@ def create_app(
         ready=view.ready_count,
     )
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[error_middleware, auth_middleware]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[count_responses, error_middleware, edge_middleware, auth_middleware],
     )
+    edge = setup_edge(app, settings, settings.max_body_bytes)
+    rt.metrics.bind_connection_errors(lambda: edge.refused)
     app[RUNTIME] = rt
     app.cleanup_ctx.append(lambda a: _lifetime(a, discovery or discovery_for(settings)))
     setup_routes(app)
@@ -75,11 +87,42 @@ def discovery_for(settings: RouterSettings) -> Discovery:
     return StaticDiscovery(settings.backends)
 
 
+PROXIED = frozenset(("generations", "edits", "files", "models", "model"))
+"""Endpoints whose successful answers are a pod's, relayed."""
+
+
+@web.middleware
+async def count_responses(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    endpoint = request.match_info.route.name or "other"
+    own = response.get(ERROR_MARK, False) or endpoint not in PROXIED
+    request.app[RUNTIME].metrics.responses.labels(
+        endpoint, str(response.status), m.ORIGIN_ROUTER if own else m.ORIGIN_BACKEND
+    ).inc()
+    return response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API key, or for a file URL a valid signature instead (a bad one is a 403 unless the
+    request also carries a good key: links signed by a replica with another key still work then)."""
     rt = request.app[RUNTIME]
-    if rt.keys.enabled and not is_page(request.path) and needs_key(request.path, rt.settings.protect_metrics):
-        rt.keys.check(request.headers.get("Authorization"))
+    if not rt.keys.enabled or is_page(request.path) or not needs_key(request.path, rt.settings.protect_metrics):
+        return await handler(request)
+    authorization = request.headers.get("Authorization")
+    if request.path.startswith(wire.FILES_PATH) and signed_request(request.query):
+        try:
+            rt.signer.verify(
+                request.path[len(wire.FILES_PATH) :],
+                request.query.get("expires"),
+                request.query.get("signature"),
+            )
+        except Forbidden:
+            if authorization is None:
+                raise
+        else:
+            return await handler(request)
+    rt.keys.check(authorization)
     return await handler(request)
 
 

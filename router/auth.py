@@ -37,7 +37,9 @@ def parse_keys(text: str) -> tuple[str, ...]:
 
 
 def key_matches(presented: str, accepted: Iterable[str]) -> bool:
-    given = presented.encode()
+    # A header's bytes that are not UTF-8 arrive as surrogate escapes: compare those very bytes
+    # (they match no key) rather than fail to encode them.
+    given = presented.encode("utf-8", "surrogateescape")
     found = False
     for key in accepted:
         found |= hmac.compare_digest(given, key.encode())

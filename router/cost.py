@@ -35,13 +35,22 @@ FREE = Shape(n=0)
 """A request that does no GPU work (model list, file download)."""
 
 
-def shape_of_json(body: bytes) -> Shape:
-    """The shape of a generation's JSON body; a body that is not JSON at all is refused here already."""
+def fields_of_json(body: bytes) -> dict[str, Any]:
+    """A generation's JSON object ({} for other JSON: the pod says what is wrong with it); a body
+    that is not JSON at all is refused here already."""
     try:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
-    return shape_of(fields) if isinstance(fields, dict) else Shape()
+    except ValueError:  # an integer past Python's digit limit (json.loads refuses to read it)
+        raise InvalidRequest("The body holds an integer with too many digits.") from None
+    return fields if isinstance(fields, dict) else {}
+
+
+def shape_of_json(body: bytes) -> Shape:
+    """The shape of a generation's JSON body."""
+    fields = fields_of_json(body)
+    return shape_of(fields) if fields else Shape()
 
 
 def shape_of(fields: Mapping[str, Any]) -> Shape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -12,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagefleet import wire
 from imagefleet.errors import NotFound
-from imagefleet.httpkit import json_response
+from imagefleet.httpkit import json_response, read_body
 from imagefleet.router import forms, proxy
-from imagefleet.router.cost import FREE, Shape, shape_of, shape_of_json
+from imagefleet.router.cost import FREE, Shape, fields_of_json, shape_of
 from imagefleet.router.state import RUNTIME, RouterRuntime
 from imagefleet.router.stats import aggregate
 
@@ -23,28 +24,63 @@ STATS_TIMEOUT_S = 3.0
 
 async def generations(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    body = await request.read()
-    shape = shape_of_json(body) if request.content_type == "application/json" else Shape()
+    body = await read_body(request)
+    fields = fields_of_json(body) if request.content_type == "application/json" else {}
     out = proxy.Outbound(
-        "POST", "/v1/images/generations", body, request.headers.get("Content-Type"), shape, "generations"
+        "POST",
+        "/v1/images/generations",
+        body,
+        request.headers.get("Content-Type"),
+        shape_of(fields) if fields else Shape(),
+        "generations",
+        rt.signer.sign_images_body if fields.get("response_format") == "url" else None,
     )
     return await proxy.forward(rt, request, out)
 
 
 async def edits(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    body = await request.read()  # kept once: every attempt sends these same bytes
+    body = await read_body(request)  # kept once: every attempt sends these same bytes
     content_type = request.headers.get("Content-Type")
-    shape = Shape()
+    fields: dict[str, str] = {}
     if request.content_type == "multipart/form-data" and content_type:
-        shape = shape_of(await forms.text_fields(body, content_type))
-    out = proxy.Outbound("POST", "/v1/images/edits", body, content_type, shape, "edits")
+        fields = await forms.text_fields(body, content_type)
+    out = proxy.Outbound(
+        "POST",
+        "/v1/images/edits",
+        body,
+        content_type,
+        shape_of(fields) if fields else Shape(),
+        "edits",
+        rt.signer.sign_images_body if fields.get("response_format") == "url" else None,
+    )
     return await proxy.forward(rt, request, out)
 
 
 async def models(request: web.Request) -> web.StreamResponse:
     out = proxy.Outbound("GET", "/v1/models", None, None, FREE, "models")
     return await proxy.forward(request.app[RUNTIME], request, out)
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models/{id}``: the entry of a ready pod's model list with that id, else 404."""
+    model_id = request.match_info["model"]
+    out = proxy.Outbound("GET", "/v1/models", None, None, FREE, "model")
+    response = await proxy.forward(request.app[RUNTIME], request, out)
+    if (
+        response.status != 200
+        or not isinstance(response, web.Response)
+        or not isinstance(response.body, bytes)
+    ):
+        return response
+    try:
+        listing = json.loads(response.body)
+        entries = [e for e in listing["data"] if isinstance(e, dict) and e.get("id") == model_id]
+    except (ValueError, KeyError, TypeError):
+        entries = []
+    if not entries:
+        raise NotFound(f"The model '{model_id[:200]}' does not exist.", param="model", code="model_not_found")
+    return json_response(entries[0])
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,11 @@ could not reach the pod (refused, reset before the response began). ``eject_afte
 failures take the backend out of the pool for a backoff; when it ends, the next poll is a probe:
 success puts the backend back, failure ejects it again for twice as long, up to the cap.
 
+The backoff doubles once per failed *probe*, never per failed request: when a pod dies with
+twenty requests in flight, their twenty failures arrive together, the first ones eject it and
+the rest (reported while the backoff runs) change nothing, so a pod that is back after a few
+seconds gets traffic again after ``base_s``, not after the cap.
+
 The backoff is a one-line pure function rather than a retry library: retry libraries (tenacity,
 backoff) wrap a call and sleep inside it, while here the "retry" is a state the poller and the
 picker read, and the delay must be inspectable in tests and in ``/stats``.
@@ -42,7 +47,13 @@ class Health:
         return was_out
 
     def failed(self, now: float) -> bool:
-        """Record a failure at ``now``; True if this ejected the backend."""
+        """Record a failure at ``now``; True if this ejected the backend.
+
+        A failure while the backoff runs (a request sent before the ejection failing late) is
+        not a probe: it neither counts nor lengthens the backoff.
+        """
+        if self.ejected and now < self.probe_at:
+            return False
         self.failures += 1
         if self.failures < self.eject_after:
             return False

@@ -15,7 +15,9 @@ Nothing here does I/O; times are passed in, so every rule is unit-tested with pl
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +26,8 @@ from imagefleet.router.cost import Shape
 from imagefleet.router.discovery import Backend
 from imagefleet.router.health import Health
 from imagefleet.router.pick import Candidate
+
+log = logging.getLogger(__name__)
 
 NOMINAL_UNIT_SECONDS = 1.0
 """Price of a work unit while no pod has measured one: keeps in-flight work comparable by count."""
@@ -44,6 +48,8 @@ class BackendView:
     """Monotonic time at which the fetch that produced ``report`` began."""
     report_at: float = float("-inf")
     inflight: dict[int, InFlight] = field(default_factory=dict)
+    ejection_waiters: set[asyncio.Future[None]] = field(default_factory=set)
+    """Requests in flight here that want to know when the backend is ejected (to fail over)."""
 
     @property
     def name(self) -> str:
@@ -116,6 +122,30 @@ class LoadView:
         view.report_started = started
         view.report_at = now
         return view.health.succeeded()
+
+    @staticmethod
+    def failed(view: BackendView, now: float, reason: str) -> bool:
+        """Record a failure (a failed poll or an unreachable attempt); True if it ejected the backend.
+
+        An ejection is logged with ``reason`` and wakes every request waiting on the backend, so
+        that they fail over instead of waiting out their time-out on a hung pod.
+        """
+        if not view.health.failed(now):
+            return False
+        if view.report is None:
+            log.info("Backend %s not reachable yet (%s)", view.name, reason)
+        else:
+            log.warning(
+                "Backend %s ejected for %.1f s: %s",
+                view.name,
+                max(0.0, view.health.probe_at - now),
+                reason,
+            )
+        waiters, view.ejection_waiters = view.ejection_waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        return True
 
     @staticmethod
     def refused(view: BackendView) -> None:

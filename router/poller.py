@@ -81,16 +81,10 @@ class Poller:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unreachable, timed out, not a load report, not ours: a failed probe
-            ejected = view.health.failed(time.monotonic())
             if isinstance(exc, ForeignBackend):
                 view.report = None  # never route to it on the strength of an earlier report
                 log.warning("Backend %s ignored: %s", view.name, exc)
-            elif ejected and view.report is None:
-                log.info("Backend %s not reachable yet (%s)", view.name, exc or type(exc).__name__)
-            elif ejected:
-                log.warning(
-                    "Backend %s ejected: load report failed (%s)", view.name, exc or type(exc).__name__
-                )
+            self.view.failed(view, time.monotonic(), f"load report failed: {describe_error(exc)}")
             return False
         if self.view.reported(view, report, started, time.monotonic()):
             log.info("Backend %s is back", view.name)
@@ -104,6 +98,13 @@ class Poller:
                 continue
             await self.poll_once(view)
             await asyncio.sleep(self.interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER))
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for a log line: its type, and its message when it has one (a time-out has none)."""
+    text = str(exc).strip()
+    name = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return f"{name}: {text}"[:300] if text else name
 
 
 def _describe(backend: Backend) -> str:

@@ -14,6 +14,9 @@ sent is lost because one pod died. An attempt ends in one of four ways:
   and 5xx: a request the pod rejects would be rejected by every pod). A streamed image
   (``stream: true``, server-sent events without a length) is relayed chunk by chunk as the pod
   writes it, never gathered first; once its first byte has gone to the client it is not retried.
+* **ejected** -- the pod was ejected (its load reports stopped) while this request waited for its
+  answer, e.g. a hung pod: the connection is closed (the pod, if it ever wakes, takes that as a
+  cancellation) and the request goes to another pod, like an unreachable one.
 
 ``request_timeout_s`` bounds the whole exchange; past it the client gets 504 in OpenAI's
 envelope and the upstream connection is closed, which the pod takes as a cancellation. A client
@@ -26,17 +29,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from imagefleet.errors import BadGateway, Timeout, Unavailable
+from imagefleet.httpkit import ERROR_MARK
 from imagefleet.router import telemetry as t
 from imagefleet.router.cost import Shape
 from imagefleet.router.loadview import BackendView
+from imagefleet.router.poller import describe_error
+from imagefleet.router.publicurl import forwarded_for, public_base
 from imagefleet.router.state import RouterRuntime
-from imagefleet.wire import FILE_PREFIX_HEADER, file_prefix
+from imagefleet.wire import FILE_PREFIX_HEADER, PUBLIC_BASE_HEADER, file_prefix
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ class Outbound:
     content_type: str | None
     shape: Shape
     endpoint: str
+    rewrite: Callable[[bytes], bytes] | None = None
+    """Applied to a 200 answer's body before it is relayed (signing image URLs); read whole then."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,42 @@ class Attempt:
     view: BackendView | None = None
 
 
+class BackendEjected(Exception):
+    """The backend was ejected while a request waited on it."""
+
+
+async def unless_ejected(
+    view: BackendView, pending: Awaitable[aiohttp.ClientResponse]
+) -> aiohttp.ClientResponse:
+    """``pending``'s result, or :class:`BackendEjected` (``pending`` cancelled) if ``view`` is ejected first."""
+    loop = asyncio.get_running_loop()
+    ejected: asyncio.Future[None] = loop.create_future()
+    view.ejection_waiters.add(ejected)
+    task = asyncio.ensure_future(pending)
+    try:
+        await asyncio.wait((task, ejected), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        _abandon(task)
+        raise
+    finally:
+        view.ejection_waiters.discard(ejected)
+    if task.done():
+        return task.result()
+    _abandon(task)
+    raise BackendEjected
+
+
+def _abandon(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """Cancel a request nobody waits for any more; close its response should one still arrive."""
+
+    def close(done: asyncio.Future[aiohttp.ClientResponse]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    task.add_done_callback(close)
+    task.cancel()
+
+
 async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web.StreamResponse:
     """Send ``out`` to the best pod (retrying elsewhere as above) and relay the answer."""
     started = time.monotonic()
@@ -108,11 +153,13 @@ async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web
     try:
         async with asyncio.timeout_at(deadline):
             sent = await _send(rt, request, out, attempt)
-            if isinstance(sent, Buffered):
-                return web.Response(body=sent.body, status=sent.status, headers=sent.headers)
+            if isinstance(sent, Buffered):  # every pod was full: the router's own 429
+                answer = web.Response(body=sent.body, status=sent.status, headers=sent.headers)
+                answer[ERROR_MARK] = True
+                return answer
             upstream = sent
             attempt.view = upstream.view
-            return await _relay(request, upstream, reply)
+            return await _relay(request, upstream, reply, out.rewrite)
     except TimeoutError:
         if attempt.view is not None:
             rt.metrics.requests.labels(attempt.view.name, t.TIMEOUT).inc()
@@ -150,20 +197,29 @@ async def _send(
         token = rt.view.begin(view, out.shape, time.monotonic())
         attempt.view = view
         try:
-            response = await rt.client.request(
-                out.method,
-                view.backend.url + out.path,
-                data=out.body,
-                headers=_headers(request, view, out),
+            response = await unless_ejected(
+                view,
+                rt.client.request(
+                    out.method,
+                    view.backend.url + out.path,
+                    data=out.body,
+                    headers=_headers(rt, request, view, out),
+                ),
             )
         except aiohttp.ClientError as exc:
             attempt.view = None
             rt.view.end(view, token)
             rt.metrics.requests.labels(view.name, t.UNREACHABLE).inc()
-            if view.health.failed(time.monotonic()):
-                log.warning("Backend %s ejected: %s", view.name, type(exc).__name__)
+            rt.view.failed(view, time.monotonic(), f"request failed: {describe_error(exc)}")
             failures += 1
             retry_reason = t.RETRY_UNREACHABLE
+            continue
+        except BackendEjected:
+            attempt.view = None
+            rt.view.end(view, token)
+            rt.metrics.requests.labels(view.name, t.EJECTED).inc()
+            failures += 1
+            retry_reason = t.RETRY_EJECTED
             continue
         except BaseException:
             rt.view.end(view, token)
@@ -244,14 +300,23 @@ async def fetch_from(
         rt.view.end(view, token)
 
 
-async def _relay(request: web.Request, upstream: Upstream, reply: web.StreamResponse) -> web.StreamResponse:
-    """The pod's answer to the client: read whole when small, streamed when large."""
+async def _relay(
+    request: web.Request,
+    upstream: Upstream,
+    reply: web.StreamResponse,
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> web.StreamResponse:
+    """The pod's answer to the client: read whole when small (or to be rewritten), streamed when large."""
     response = upstream.response
     headers = _passed_headers(response)
     length = response.content_length
+    rewrite = rewrite if response.status == 200 else None
     try:
-        if length is not None and length <= BUFFER_LIMIT:
-            return web.Response(body=await response.read(), status=response.status, headers=headers)
+        if rewrite is not None or (length is not None and length <= BUFFER_LIMIT):
+            body = await response.read()
+            return web.Response(
+                body=rewrite(body) if rewrite else body, status=response.status, headers=headers
+            )
         reply.set_status(response.status)
         reply.headers.update(headers)
         if length is not None:
@@ -278,19 +343,16 @@ def _passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: response.headers[k] for k in PASSED_RESPONSE_HEADERS if k in response.headers}
 
 
-def _headers(request: web.Request, view: BackendView, out: Outbound) -> dict[str, str]:
-    """Headers for the pod: content type, where the client reached us, and the file-id prefix."""
-    h = request.headers
+def _headers(rt: RouterRuntime, request: web.Request, view: BackendView, out: Outbound) -> dict[str, str]:
+    """Headers for the pod, all set here (none copied from the client but the content type): the
+    base of image URLs (:mod:`.publicurl`), the client's address, and the file-id prefix."""
     headers = {
-        "X-Forwarded-Proto": h.get("X-Forwarded-Proto") or request.scheme,
-        "X-Forwarded-Host": h.get("X-Forwarded-Host") or request.host,
+        PUBLIC_BASE_HEADER: public_base(request, rt.settings.public_base_url, rt.trusted),
         FILE_PREFIX_HEADER: file_prefix(view.backend.key),
     }
-    forwarded_for = ", ".join(x for x in (h.get("X-Forwarded-For"), request.remote) if x)
-    if forwarded_for:
-        headers["X-Forwarded-For"] = forwarded_for
-    if "X-Forwarded-Prefix" in h:
-        headers["X-Forwarded-Prefix"] = h["X-Forwarded-Prefix"]
+    chain = forwarded_for(request, rt.trusted)
+    if chain:
+        headers["X-Forwarded-For"] = chain
     if out.content_type:
         headers["Content-Type"] = out.content_type
     return headers

@@ -11,6 +11,8 @@ from aiohttp import web
 from imagefleet.router.auth import KeyStore
 from imagefleet.router.loadview import LoadView
 from imagefleet.router.pick import Picker
+from imagefleet.router.publicurl import Network
+from imagefleet.router.signing import UrlSigner
 from imagefleet.router.telemetry import RouterMetrics
 from imagefleet.settings import RouterSettings
 
@@ -22,6 +24,9 @@ class RouterRuntime:
     metrics: RouterMetrics
     keys: KeyStore
     picker: Picker
+    signer: UrlSigner
+    trusted: tuple[Network, ...] = ()
+    """``trusted_proxies``, parsed."""
     rng: random.Random = field(default_factory=random.Random)
     session: aiohttp.ClientSession | None = None
     """Created when the app starts (it needs the running loop); one connection pool for all pods."""

@@ -6,9 +6,11 @@ the load view at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from imagefleet import metrics as m
 
@@ -24,11 +26,13 @@ UNAVAILABLE = "unavailable"
 UNREACHABLE = "unreachable"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"
+EJECTED = "ejected"
 
 # reasons of ROUTER_RETRIES
 RETRY_UNREACHABLE = "unreachable"
 RETRY_UNAVAILABLE = "unavailable"
 RETRY_OVERLOADED = "overloaded"
+RETRY_EJECTED = "ejected"
 
 
 def outcome_of(status: int) -> str:
@@ -69,8 +73,19 @@ class RouterMetrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
-        for reason in (RETRY_UNREACHABLE, RETRY_UNAVAILABLE, RETRY_OVERLOADED):
+        self.responses = Counter(
+            m.ROUTER_RESPONSES,
+            "Responses to clients by endpoint, status and origin (router: the router's own answer; "
+            "backend: a pod's answer relayed)",
+            ["endpoint", "status", "origin"],
+            registry=r,
+        )
+        for reason in (RETRY_UNREACHABLE, RETRY_UNAVAILABLE, RETRY_OVERLOADED, RETRY_EJECTED):
             self.retries.labels(reason)
+
+    def bind_connection_errors(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Expose the HTTP server's connection-level answers (parse errors, caps, time-outs)."""
+        self.registry.register(_ConnectionErrors(counts))
 
     def bind(
         self, *, known: Callable[[], float], healthy: Callable[[], float], ready: Callable[[], float]
@@ -78,3 +93,18 @@ class RouterMetrics:
         self.backends.labels("known").set_function(known)
         self.backends.labels("healthy").set_function(healthy)
         self.backends.labels("ready").set_function(ready)
+
+
+class _ConnectionErrors(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            m.ROUTER_CONNECTION_ERRORS,
+            "Requests answered or connections closed by the HTTP server itself, by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._counts().items()):
+            family.add_metric([kind], count)
+        yield family

@@ -11,6 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
+from imagefleet import wire
 from tests.conftest import Pod
 
 
@@ -51,19 +52,32 @@ def test_generate_url_is_built_from_the_request_host(pod: Pod) -> None:
         assert image.size == (96, 64)
 
 
-def test_url_honours_forwarded_headers(pod: Pod) -> None:
+def test_url_starts_with_the_base_the_router_names(pod: Pod) -> None:
     status, _, body = pod.request(
         "POST",
         "/v1/images/generations",
         {"prompt": "x", "response_format": "url"},
-        headers={
-            "X-Forwarded-Host": "images.example.com",
-            "X-Forwarded-Proto": "https",
-            "X-Forwarded-Prefix": "/gen",
-        },
+        headers={wire.PUBLIC_BASE_HEADER: "https://images.example.com/gen"},
     )
     assert status == 200
     assert body["data"][0]["url"].startswith("https://images.example.com/gen/v1/images/files/")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Forwarded-Host": "evil.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-Prefix": "/gen"},
+        {wire.PUBLIC_BASE_HEADER: "https://evil.example.com/../x"},
+        {wire.PUBLIC_BASE_HEADER: "https://user@evil.example.com"},
+        {"X-Forwarded-Host": "bad host/<x>"},
+    ],
+)
+def test_url_ignores_client_forwarding_headers_and_malformed_bases(pod: Pod, headers: dict[str, str]) -> None:
+    status, _, body = pod.request(
+        "POST", "/v1/images/generations", {"prompt": "x", "response_format": "url"}, headers=headers
+    )
+    assert status == 200
+    assert body["data"][0]["url"].startswith(pod.url + "/v1/images/files/")
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])

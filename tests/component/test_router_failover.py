@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -110,6 +112,8 @@ def test_a_full_pod_is_passed_over_and_429_comes_back_only_when_all_are_full(idl
         assert (
             reply.body["error"]["type"] == "rate_limit_error" and reply.body["error"]["code"] == "queue_full"
         )
+        responses = metrics.ROUTER_RESPONSES + "_total"
+        assert scrape(router.url).value(responses, endpoint="generations", status="429", origin="router") == 1
     finally:
         for h in held:
             h.hang_up()
@@ -195,3 +199,39 @@ def test_a_quarantined_pod_answering_503_is_passed_over(idle: list[PodProcess]) 
         assert router.view()[a.url]["accepting"] is False  # not tried again until it reports ready
     finally:
         router.stop()
+
+
+def test_a_request_on_a_hung_pod_fails_over_once_the_pod_is_ejected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP: the pod keeps its connections open and answers nothing, not even its load report.
+
+    Two pods of its own: the shared pair may hold a quarantined pod after the test above."""
+    with pods(2, POD_ARGS, log_dir=tmp_path) as (a, b):
+        hung = _hung_pod_fails_over(a, b)
+    lines = [r.getMessage() for r in caplog.records if f"Backend {hung} ejected" in r.getMessage()]
+    assert lines and lines[0].endswith("load report failed: timed out"), lines
+
+
+def _hung_pod_fails_over(a: PodProcess, b: PodProcess) -> str:
+    settings = router_settings([a.url, b.url], request_timeout_s=600, eject_after=2)
+    with RouterThread(settings) as router:
+        router.wait_ready(2)
+        held = Held(router.url, size="128x128", num_inference_steps=12).start()
+        wait_until(lambda: pod_busy(a.url) or pod_busy(b.url), 30, "a pod at work")
+        hung, other = (a, b) if pod_busy(a.url) else (b, a)
+        before = pod_requests(other.url)
+        hung.kill(signal.SIGSTOP)
+        try:
+            status = held.wait(300)  # well before request_timeout_s
+            assert router.view()[hung.url]["ejected"]
+            ejected = scrape(router.url).value(
+                metrics.ROUTER_REQUESTS + "_total", backend=hung.url, outcome="ejected"
+            )
+            retries = scrape(router.url).value(RETRIES, reason="ejected")
+        finally:
+            hung.kill(signal.SIGCONT)
+        assert status == 200, (status, held.error)
+        assert pod_requests(other.url) == before + 1
+        assert ejected == 1 and retries >= 1
+    return hung.url

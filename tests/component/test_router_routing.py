@@ -11,6 +11,7 @@ import io
 import random
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,14 +227,14 @@ def test_image_files_are_fetched_from_the_pod_that_holds_them(idle: list[PodProc
         for t in threads:
             t.join(120)
         assert len(urls) == 4
-        holder = {_key_of(u.rsplit("/", 1)[1]) for u in urls}
+        holder = {_key_of(_file_id(u)) for u in urls}
         assert holder == {backend_key(a.url), backend_key(b.url)}  # both pods hold some
         for url in urls:
             assert url.startswith(pair.url + "/v1/images/files/")
             with urllib.request.urlopen(url, timeout=10) as resp:
                 assert resp.headers["Content-Type"] == "image/png"
                 assert Image.open(io.BytesIO(resp.read())).size == (64, 64)
-            file_id = url.rsplit("/", 1)[1]
+            file_id = _file_id(url)  # the URL is signed: ?expires=...&signature=...
             other = b if _key_of(file_id) == backend_key(a.url) else a
             assert call("GET", f"{other.url}/v1/images/files/{file_id}").status == 404  # only its pod has it
 
@@ -247,6 +248,10 @@ def test_image_files_are_fetched_from_the_pod_that_holds_them(idle: list[PodProc
             reply = call("GET", f"{pair.url}/v1/images/files/{file_id}")
             assert reply.status == 404, file_id
             assert reply.body["error"]["type"] == "invalid_request_error"
+
+
+def _file_id(url: str) -> str:
+    return urllib.parse.urlsplit(url).path.rsplit("/", 1)[1]
 
 
 def test_edits_are_streamed_through(idle: list[PodProcess], router: RouterThread) -> None:

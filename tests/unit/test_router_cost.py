@@ -46,3 +46,11 @@ def test_json_bodies() -> None:
     assert shape_of_json(b'["not", "an", "object"]') == Shape()  # the pod says what is wrong with it
     with pytest.raises(InvalidRequest):
         shape_of_json(b'{"prompt": ')
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "num_inference_steps"])
+def test_a_json_integer_past_pythons_digit_limit_is_a_400_not_a_crash(field: str) -> None:
+    body = b'{"prompt": "x", "' + field.encode() + b'": ' + b"7" * 5000 + b"}"
+    with pytest.raises(InvalidRequest) as info:
+        shape_of_json(body)
+    assert info.value.status == 400 and "digits" in info.value.message

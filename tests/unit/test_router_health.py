@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from imagefleet.router.health import Health, backoff_delay
 
 
@@ -46,3 +48,24 @@ def test_a_successful_probe_brings_it_back_and_resets_the_backoff() -> None:
     assert h.probe_at == 6.0
     assert h.succeeded() is True
     assert h.succeeded() is False
+
+
+def test_many_requests_failing_at_once_eject_once_and_do_not_lengthen_the_backoff() -> None:
+    h = Health(eject_after=2, base_s=1.0, cap_s=30.0)
+    ejections = [h.failed(100.0 + i * 0.001) for i in range(20)]  # a crash with 20 requests in flight
+    assert ejections.count(True) == 1
+    assert h.probe_at == pytest.approx(101.001)  # the first backoff, not the cap
+    assert h.may_probe(101.1)
+
+
+def test_the_backoff_doubles_once_per_failed_probe() -> None:
+    h = Health(eject_after=1, base_s=1.0, cap_s=30.0)
+    h.failed(0.0)
+    outs = []
+    now = 0.0
+    for _ in range(4):
+        now = h.probe_at
+        h.failed(now)  # the probe failed
+        h.failed(now + 0.01)  # and a late request failure changes nothing
+        outs.append(round(h.probe_at - now, 6))
+    assert outs == [2.0, 4.0, 8.0, 16.0]
