@@ -8,8 +8,9 @@ parameters is served without a key when the signature matches and ``expires`` ha
 (403 in OpenAI's envelope otherwise); without them the API key is needed as before.
 
 The key is ``url_signing_key`` or the contents of ``url_signing_key_file`` (e.g. a mounted
-Secret). With neither, each router process makes a random key at start: its links then work only
-through that process, so several router replicas must be given one shared key.
+Secret). With neither, it is derived from the API keys (:func:`derived_key`): router replicas
+reading the same key Secret sign alike, so a link made by one opens on every other, and rotating
+the API keys also expires every link. A router without API keys needs no signature at all.
 """
 
 from __future__ import annotations
@@ -61,12 +62,10 @@ class UrlSigner:
                     f"--url-signing-key-file {settings.url_signing_key_file}: "
                     f"the key must have at least {MIN_KEY_BYTES} bytes"
                 )
-        else:
+        elif settings.api_keys or settings.api_keys_file:
+            key = derived_key(settings)
+        else:  # no API keys: file links open without any, the signature is never needed
             key = secrets.token_bytes(32)
-            log.warning(
-                "No URL signing key configured: signed image URLs work only through this router "
-                "process (give every replica the same --url-signing-key-file)"
-            )
         return cls(key, settings.signed_url_ttl_s)
 
     def _mac(self, file_id: str, expires: int) -> str:
@@ -117,6 +116,18 @@ class UrlSigner:
                 item["url"] = self.sign_url(item["url"])
                 changed = True
         return json.dumps(answer, separators=(",", ":")).encode() if changed else body
+
+
+def derived_key(settings: RouterSettings) -> bytes:
+    """A signing key derived from the API keys (the same Secret on every replica, so every replica
+    derives the same key and honours the others' links; rotating the keys rotates it too)."""
+    material = "\n".join(settings.api_keys).encode()
+    if settings.api_keys_file:
+        try:
+            material += b"\n" + Path(settings.api_keys_file).read_bytes()
+        except OSError as exc:
+            raise SettingsError(f"--api-keys-file {settings.api_keys_file}: {exc.strerror}") from None
+    return hmac.new(b"imagefleet signed image URLs v1", material, hashlib.sha256).digest()
 
 
 def signed_request(query: Any) -> bool:

@@ -99,3 +99,19 @@ def test_without_a_key_each_process_makes_its_own() -> None:
     a.verify(FILE, p["expires"], p["signature"])
     with pytest.raises(Forbidden):
         b.verify(FILE, p["expires"], p["signature"])
+
+
+def test_replicas_reading_one_api_key_secret_sign_alike_and_a_key_rotation_expires_links(
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    keys = Path(str(tmp_path)) / "api-keys"
+    keys.write_text("sk-one\nsk-two\n")
+    settings = load(RouterSettings, {}, env={}, api_keys_file=str(keys))
+    a, b = UrlSigner.from_settings(settings), UrlSigner.from_settings(settings)
+    p = params(a.sign_url(URL))
+    b.verify(FILE, p["expires"], p["signature"])  # another replica honours the link
+    keys.write_text("sk-three\n")
+    with pytest.raises(Forbidden):
+        UrlSigner.from_settings(settings).verify(FILE, p["expires"], p["signature"])
