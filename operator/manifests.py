@@ -348,12 +348,27 @@ def router_service_account(g: GeneratorSpec) -> Manifest:
 
 
 def router_role(g: GeneratorSpec) -> Manifest:
-    """What a router needs: to find its pods. Nothing else (no Secrets: keys come as a file)."""
+    """What a router needs: to find its pods, and to read its own ImageGenerator (the fleet page
+    shows its conditions). Nothing else (no Secrets: keys come as a file)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _meta(g, router_name(g), wire.COMPONENT_ROUTER),
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+        "rules": ROUTER_RULES_PODS + [_own_generator_rule(g)],
+    }
+
+
+ROUTER_RULES_PODS: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+]
+
+
+def _own_generator_rule(g: GeneratorSpec) -> dict[str, Any]:
+    return {
+        "apiGroups": [wire.GROUP],
+        "resources": [wire.PLURAL],
+        "resourceNames": [g.name],
+        "verbs": ["get"],
     }
 
 

@@ -459,7 +459,10 @@ def test_the_routers_service_account_can_find_its_pods_and_nothing_more(
     who = f"system:serviceaccount:{ns}:tiny-router"
     for verb in ("get", "list", "watch"):
         assert _can_i(tools, who, verb, "pods", "-n", ns)
+    assert _can_i(tools, who, "get", "imagegenerators.imagefleet.dev/tiny", "-n", ns)  # the fleet page
     denied = [
+        ("get", "imagegenerators.imagefleet.dev/other", "-n", ns),
+        ("list", "imagegenerators.imagefleet.dev", "-n", ns),
         ("get", "secrets", "-n", ns),
         ("list", "secrets", "--all-namespaces"),
         ("list", "pods", "-n", "default"),

@@ -1,8 +1,8 @@
 """The fleet page's ImageGenerator conditions, read with the router's own credentials.
 
-A real apiserver: the router's ServiceAccount with the Role the operator gives it (pods only)
-is refused the ImageGenerator, and the fleet says so; granted ``get`` on it, the router reads the
-resource's conditions.
+A real apiserver: the router's ServiceAccount with a Role for its pods only is refused the
+ImageGenerator, and the fleet says so; with the Role the operator gives it (``get`` on its own
+ImageGenerator, by name), the router reads the resource's conditions, and no other resource.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from imagefleet import wire
@@ -73,7 +74,8 @@ def test_the_router_reads_its_generator_only_when_its_role_allows(
     g = parse(created, operator)  # owned by the resource, as the operator makes them
     core_v1.create_namespaced_service_account(namespace, manifests.router_service_account(g))
     rbac = client.RbacAuthorizationV1Api(api_client)
-    rbac.create_namespaced_role(namespace, manifests.router_role(g))
+    pods_only = {**manifests.router_role(g), "rules": manifests.ROUTER_RULES_PODS}
+    rbac.create_namespaced_role(namespace, pods_only)
     rbac.create_namespaced_role_binding(namespace, manifests.router_role_binding(g))
     router = client_as(api_client, core_v1, namespace, manifests.router_name(g))
     selector = wire.selector_string(wire.pod_selector("g"))
@@ -85,16 +87,8 @@ def test_the_router_reads_its_generator_only_when_its_role_allows(
     assert f"kubectl describe imggen g -n {namespace}" in shown["note"]
     client.CoreV1Api(router).list_namespaced_pod(namespace, label_selector=selector)  # its discovery may
 
-    # granted get on its ImageGenerator, the router shows the conditions
-    reader = {**manifests.router_role(g), "metadata": {"name": "read-generator", "namespace": namespace}}
-    reader["rules"] = [{"apiGroups": [wire.GROUP], "resources": [wire.PLURAL], "verbs": ["get"]}]
-    rbac.create_namespaced_role(namespace, reader)
-    binding = {
-        **manifests.router_role_binding(g),
-        "metadata": {"name": "read-generator", "namespace": namespace},
-    }
-    binding["roleRef"] = {**binding["roleRef"], "name": "read-generator"}
-    rbac.create_namespaced_role_binding(namespace, binding)
+    # with the Role the operator renders, the router shows the conditions
+    rbac.replace_namespaced_role(manifests.router_name(g), namespace, manifests.router_role(g))
 
     def readable() -> bool:
         asyncio.run(view.refresh())
@@ -104,3 +98,10 @@ def test_the_router_reads_its_generator_only_when_its_role_allows(
     expected = [{k: c[k] for k in gen.CONDITION_FIELDS if k in c} for c in CONDITIONS]
     assert view.current()["conditions"] == expected
     assert view.current()["error"] is None and view.current()["note"] is None
+    other = {**resource(namespace), "metadata": {"name": "other", "namespace": namespace}}
+    objects.create_namespaced_custom_object(wire.GROUP, wire.VERSION, namespace, wire.PLURAL, other)
+    with pytest.raises(client.ApiException) as refused:  # its own resource, no other
+        client.CustomObjectsApi(router).get_namespaced_custom_object(
+            wire.GROUP, wire.VERSION, namespace, wire.PLURAL, "other"
+        )
+    assert refused.value.status == 403

@@ -233,10 +233,18 @@ def test_the_router_finds_exactly_its_pods_and_reads_keys_from_the_mounted_secre
     assert manifests.router_service(g)["spec"]["type"] == "LoadBalancer"
 
 
-def test_the_routers_role_can_only_read_pods() -> None:
+def test_the_routers_role_can_only_read_pods_and_its_own_generator() -> None:
     g = parse(generator(), OP)
     role = manifests.router_role(g)
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {
+            "apiGroups": ["imagefleet.dev"],
+            "resources": ["imagegenerators"],
+            "resourceNames": [g.name],
+            "verbs": ["get"],
+        },
+    ]
 
 
 @pytest.mark.parametrize(
