@@ -137,8 +137,22 @@
     });
   }
 
-  // The images of one request as [{b64, format}], showing previews as they arrive.
+  // The images of a request as [{b64, format}], showing previews as they arrive. OpenAI's stream
+  // carries one image, so n > 1 streams as n requests of one image each (seed + i), sent together:
+  // the pod batches them as it would batch one request of n.
   async function run(body) {
+    const n = body.n || 1;
+    if (n === 1 || !streamBox.checked || streaming === false) return runOne(body);
+    const one = (i) => ({ ...body, n: 1, ...(body.seed !== undefined ? { seed: body.seed + i } : {}) });
+    const results = await Promise.all(Array.from({ length: n }, (_, i) => runOne(one(i))));
+    return {
+      images: results.flatMap((r) => r.images),
+      streamed: results.every((r) => r.streamed),
+      partials: results.reduce((total, r) => total + r.partials, 0),
+    };
+  }
+
+  async function runOne(body) {
     const wantStream = streamBox.checked && streaming !== false;
     let response = await post(wantStream ? { ...body, stream: true, partial_images: PARTIAL_IMAGES } : body);
     if (wantStream && response.status === 400) {
