@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy
 import openai
 import pytest
 from PIL import Image
@@ -76,7 +78,14 @@ def test_n_images_are_written_by_seed_and_are_the_apis_images(router_url: str, t
     same = client.images.generate(prompt="a lighthouse at dusk", n=2, size="64x64", extra_body={"seed": 100})
     for path, item in zip(paths, same.data or [], strict=True):
         assert Image.open(path).size == (64, 64)
-        assert path.read_bytes() == base64.b64decode(item.b64_json or "")
+        # The same seeds make the same images up to float rounding: which samples share a batch
+        # (the command's requests may be batched apart, the API's n=2 together) changes the last
+        # bits of the CPU's matrix products, so compare pixels, not PNG bytes.
+        mine = numpy.asarray(Image.open(path).convert("RGB"), dtype=numpy.int16)
+        theirs = numpy.asarray(
+            Image.open(io.BytesIO(base64.b64decode(item.b64_json or ""))).convert("RGB"), dtype=numpy.int16
+        )
+        assert numpy.abs(mine - theirs).max() <= 2
 
 
 def test_the_key_may_come_from_openai_api_key_or_the_flag(router_url: str, tmp_path: Path) -> None:
