@@ -354,7 +354,7 @@ def router_role(g: GeneratorSpec) -> Manifest:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _meta(g, router_name(g), wire.COMPONENT_ROUTER),
-        "rules": ROUTER_RULES_PODS + [_own_generator_rule(g)],
+        "rules": [*ROUTER_RULES_PODS, _own_generator_rule(g)],
     }
 
 
