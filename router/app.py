@@ -107,7 +107,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """The API key, or for a file URL a valid signature instead (a bad one is a 403 unless the
     request also carries a good key: links signed by a replica with another key still work then)."""
     rt = request.app[RUNTIME]
-    if not rt.keys.enabled or is_page(request.path) or not needs_key(request.path, rt.settings.protect_metrics):
+    if (
+        not rt.keys.enabled
+        or is_page(request.path)
+        or not needs_key(request.path, rt.settings.protect_metrics)
+    ):
         return await handler(request)
     authorization = request.headers.get("Authorization")
     if request.path.startswith(wire.FILES_PATH) and signed_request(request.query):
