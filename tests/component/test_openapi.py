@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -78,15 +79,19 @@ def test_the_pod_describes_its_own_limits(pod_url: str) -> None:
     assert fields["prompt"]["maxLength"] == LIMITS["max_prompt_chars"]
 
 
-def fuzz(url: str) -> list[str]:
-    """Run the checks on ``EXAMPLES`` generated requests to every operation ``url`` describes."""
+def fuzz(url: str, mode: GenerationMode) -> list[str]:
+    """Run the checks on ``EXAMPLES`` generated requests to every operation ``url`` describes:
+    valid ones (``POSITIVE``) or ones that break the description (``NEGATIVE``, which must get a
+    documented 4xx in the error envelope)."""
     schema = schemathesis.openapi.from_url(url + openapi.PATH)
     called = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        if mode is GenerationMode.NEGATIVE and not operation.body:
+            continue  # every path parameter is any text: only a body can break the description
 
         @FUZZ
-        @given(case=operation.as_strategy())
+        @given(case=operation.as_strategy(mode))
         def run(case: schemathesis.Case) -> None:
             case.call_and_validate(checks=CHECKS, timeout=60)
 
@@ -135,9 +140,11 @@ def test_streams_edits_and_files_answer_as_described(server: str, request: pytes
     }
 
 
-def test_the_pod_answers_as_it_describes(pod_url: str) -> None:
-    assert "POST /v1/images/generations" in fuzz(pod_url)
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_the_pod_answers_as_it_describes(pod_url: str, mode: GenerationMode) -> None:
+    assert "POST /v1/images/edits" in fuzz(pod_url, mode)
 
 
-def test_the_router_answers_as_it_describes(router_url: str) -> None:
-    assert "GET /v1/fleet" in fuzz(router_url)
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_the_router_answers_as_it_describes(router_url: str, mode: GenerationMode) -> None:
+    assert "POST /v1/images/edits" in fuzz(router_url, mode)
