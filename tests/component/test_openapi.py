@@ -44,6 +44,7 @@ LIMITS = {
     "max_images_per_request": 2,
     "max_prompt_chars": 300,
 }
+KEY = {"Authorization": "Bearer sk-test"}
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -69,6 +70,13 @@ def router_url(pod_url: str) -> Iterator[str]:
         yield router.url
 
 
+@pytest.fixture(scope="module")
+def keyed_router_url(pod_url: str) -> Iterator[str]:
+    with RouterThread(router_settings([pod_url], api_keys=(KEY["Authorization"].split()[1],))) as router:
+        router.wait_ready(1)
+        yield router.url
+
+
 def test_the_pod_describes_its_own_limits(pod_url: str) -> None:
     status, doc = get_json(pod_url + openapi.PATH)
     assert status == 200
@@ -79,11 +87,11 @@ def test_the_pod_describes_its_own_limits(pod_url: str) -> None:
     assert fields["prompt"]["maxLength"] == LIMITS["max_prompt_chars"]
 
 
-def fuzz(url: str, mode: GenerationMode) -> list[str]:
+def fuzz(url: str, mode: GenerationMode, headers: dict[str, str] | None = None) -> list[str]:
     """Run the checks on ``EXAMPLES`` generated requests to every operation ``url`` describes:
     valid ones (``POSITIVE``) or ones that break the description (``NEGATIVE``, which must get a
-    documented 4xx in the error envelope)."""
-    schema = schemathesis.openapi.from_url(url + openapi.PATH)
+    documented 4xx in the error envelope). ``headers`` load the description, never the requests."""
+    schema = schemathesis.openapi.from_url(url + openapi.PATH, headers=headers or {})
     called = []
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -148,3 +156,11 @@ def test_the_pod_answers_as_it_describes(pod_url: str, mode: GenerationMode) -> 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_the_router_answers_as_it_describes(router_url: str, mode: GenerationMode) -> None:
     assert "POST /v1/images/edits" in fuzz(router_url, mode)
+
+
+def test_a_router_with_api_keys_answers_as_it_describes(keyed_router_url: str) -> None:
+    """Requests without the key get a 401 in the envelope, which the description lists (the
+    probes, metrics and stats stay open); the description itself needs the key like the API."""
+    assert get_json(keyed_router_url + openapi.PATH)[0] == 401
+    assert get_json(keyed_router_url + "/v1/models")[0] == 401
+    assert "POST /v1/images/edits" in fuzz(keyed_router_url, GenerationMode.POSITIVE, KEY)
