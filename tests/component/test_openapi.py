@@ -3,7 +3,10 @@ description each serves at ``/openapi.json`` is called with generated requests, 
 must be no 5xx, of a documented status and content type, and of the documented schema.
 
 The pod is started with the smallest limits (64x64 images, 2 steps, 2 images), which its
-description carries, so the valid requests schemathesis makes stay quick on a CPU.
+description carries, so the valid requests schemathesis makes stay quick on a CPU. Operations are
+driven with schemathesis' Python API under hypothesis (``operation.as_strategy``), not its pytest
+plugin, whose lazy loader (``schemathesis.pytest.from_fixture``) fails under pytest 9
+(``Function._nodeid``).
 """
 
 from __future__ import annotations
