@@ -16,6 +16,15 @@ from typing import Any
 
 PROGRESS = "imagefleet.progress"
 CONTENT_TYPE = "text/event-stream"
+EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
+"""The names of a task's events: ``<prefix>.partial_image`` (previews), then ``<prefix>.completed``."""
+EVENT_KINDS = ("partial_image", "completed")
+ERROR = "error"
+
+
+def event_names(task: str) -> list[str]:
+    """Every event a stream of ``task`` may carry (besides ``PROGRESS`` comments)."""
+    return [*(f"{EVENT_PREFIX[task]}.{kind}" for kind in EVENT_KINDS), ERROR]
 
 
 def event(name: str, fields: dict[str, Any], b64: bytes | None = None) -> bytes:
@@ -29,7 +38,13 @@ def event(name: str, fields: dict[str, Any], b64: bytes | None = None) -> bytes:
 
 def error(envelope: dict[str, Any]) -> bytes:
     """An ``error`` event carrying OpenAI's error envelope (the ``openai`` client raises it)."""
-    return b"event: error\ndata: " + json.dumps(envelope, separators=(",", ":")).encode() + b"\n\n"
+    return (
+        b"event: "
+        + ERROR.encode()
+        + b"\ndata: "
+        + json.dumps(envelope, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
 
 
 def progress(steps_done: int, steps_total: int) -> bytes:

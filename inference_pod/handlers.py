@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from imagefleet import openapi
 from imagefleet.errors import NotFound
 from imagefleet.httpkit import json_response, read_json, require_content_type
 from imagefleet.inference_pod import faults, forms, reports, responses, streaming
@@ -80,6 +81,12 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+async def description(request: web.Request) -> web.Response:
+    """The OpenAPI description, with this pod's limits once it serves (the widest bounds before)."""
+    status = request.app[RUNTIME].status
+    return json_response(openapi.document("pod", status.limits if isinstance(status, Serving) else None))
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from imagefleet import wire
+from imagefleet import openapi, wire
 from imagefleet.inference_pod import handlers as h
 
 
@@ -16,6 +16,7 @@ def setup_routes(app: web.Application, *, debug: bool) -> None:
     r.add_get("/v1/models", h.list_models)
     r.add_get("/v1/models/{model_id:.+}", h.get_model)  # Hugging Face ids hold a slash
     r.add_get(wire.LOAD_PATH, h.load)
+    r.add_get(openapi.PATH, h.description)
     r.add_get(wire.HEALTH_PATH, h.healthz)
     r.add_get(wire.READY_PATH, h.readyz)
     r.add_get(wire.METRICS_PATH, h.metrics)

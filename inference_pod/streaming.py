@@ -36,7 +36,6 @@ from imagefleet.inference_pod.service import Accepted, Gone, ImageService
 
 log = logging.getLogger(__name__)
 
-EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
 HEADERS = {"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -45,7 +44,7 @@ class _Writer:
         req = accepted.request
         self._request = request
         self.response = web.StreamResponse(headers=HEADERS)
-        self.prefix = EVENT_PREFIX[req.task]
+        self.prefix = sse.EVENT_PREFIX[req.task]
         self.meta = {
             "size": f"{req.width}x{req.height}",
             "quality": "auto",

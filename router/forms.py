@@ -15,6 +15,7 @@ import asyncio
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
 
 SCAN_LIMIT = 2 * 1024 * 1024
 MAX_FIELD_CHARS = 4096
@@ -22,7 +23,9 @@ _CHUNK = 256 * 1024
 
 
 async def text_fields(body: bytes, content_type: str) -> dict[str, str]:
-    """The text fields of a ``multipart/form-data`` body; {} if it cannot be parsed."""
+    """The text fields of a ``multipart/form-data`` body; {} if it cannot be parsed (the pod
+    then answers the malformed body with a 400; aiohttp raises a malformed part header as an
+    ``HttpProcessingError``, its other complaints as ValueError or AssertionError)."""
     loop = asyncio.get_running_loop()
     # A limit above the body size: the whole body is fed at once, and nothing is paused.
     stream = StreamReader(BaseProtocol(loop), max(len(body), 2**16) + 1, loop=loop)
@@ -45,6 +48,6 @@ async def text_fields(body: bytes, content_type: str) -> dict[str, str]:
             text = await part.read_chunk(MAX_FIELD_CHARS)
             if part.name and part.name not in fields:
                 fields[part.name] = text.decode("utf-8", "replace")
-    except (ValueError, AssertionError, RuntimeError, KeyError):
+    except (ValueError, AssertionError, RuntimeError, KeyError, HttpProcessingError):
         pass
     return fields

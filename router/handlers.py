@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagefleet import wire
+from imagefleet import openapi, wire
 from imagefleet.errors import NotFound
 from imagefleet.httpkit import json_response, read_body
 from imagefleet.router import forms, proxy
@@ -95,6 +95,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
+
+
+async def description(request: web.Request) -> web.Response:
+    """The OpenAPI description, with the widest bounds any pod accepts (a request may go to any)."""
+    return json_response(openapi.document("router"))
 
 
 async def readyz(request: web.Request) -> web.Response:

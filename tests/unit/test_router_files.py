@@ -82,6 +82,7 @@ def test_fields_behind_a_large_file_are_left_unread() -> None:
         (b"not multipart at all", "multipart/form-data; boundary=xyz"),
         (b"--xyz\r\n", "multipart/form-data; boundary=xyz"),
         (b"", "multipart/form-data"),
+        (b"--xyz\r\n1--xyz--\r\n", "multipart/form-data; boundary=xyz"),  # a part header with no colon
     ],
 )
 def test_malformed_bodies_give_no_fields(body: bytes, content_type: str) -> None:
