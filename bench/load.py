@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,7 @@ class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     _n: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
     pending: dict[int, float] = field(default_factory=dict)
     """Send times of the requests still in flight, by request number."""
 
@@ -271,15 +272,25 @@ class Run:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def poisson(self, session: aiohttp.ClientSession, phase: str, rate: float, seconds: float) -> None:
-        rng = random.Random(f"{phase}-{rate}")
+    async def poisson(
+        self,
+        session: aiohttp.ClientSession,
+        phase: str,
+        rate: float,
+        seconds: float,
+        until: Callable[[], bool] | None = None,
+        most: float = 0.0,
+    ) -> None:
+        """Poisson arrivals at ``rate`` for ``seconds``; then, given ``until``, on until it is true
+        or ``most`` seconds have passed."""
         start = self.now()
-        at = start + rng.expovariate(rate)
-        while at < start + seconds:
+        at = start + self.rng.expovariate(rate)
+        while True:
             await asyncio.sleep(max(0.0, at - self.now()))
+            if at >= start + seconds and (until is None or until() or at >= start + most):
+                break
             self.fire(session, phase)
-            at += rng.expovariate(rate)
-        await asyncio.sleep(max(0.0, start + seconds - self.now()))
+            at += self.rng.expovariate(rate)
 
     async def bursts(self, session: aiohttp.ClientSession, size: int, count: int, every: float) -> None:
         start = self.now()
@@ -351,11 +362,16 @@ async def drive(
         await run.bursts(session, size, args.bursts, args.burst_every_s)
         marks["burst"] = (start, run.now())
         start = run.now()
-        await run.poisson(session, "normal", args.normal_x * capacity, args.normal_s)
         baseline = [o.latency for o in run.outcomes if o.phase == "baseline" and o.kind == "image"]
         limit = RECOVERY_FACTOR * statistics.median(baseline) if baseline else math.inf
-        while run.now() < start + args.recovery_max_s and not recovered(run, limit):
-            await run.poisson(session, "normal", args.normal_x * capacity, 1.0)
+        await run.poisson(
+            session,
+            "normal",
+            args.normal_x * capacity,
+            args.normal_s,
+            until=lambda: recovered(run, limit),
+            most=args.recovery_max_s,
+        )
         marks["normal"] = (start, run.now())
         await run.drain()
         memory.sample()
