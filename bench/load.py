@@ -21,7 +21,8 @@ bounded queue allows) and is classified: ``image`` (200 with data), ``429`` / ``
 Reported, one JSON line each: the environment; capacity; per phase the outcome counts and
 latency percentiles (images and rejections apart); per second of the run (by send time) the
 counts, image p50 and the RSS of the router and of each pod process; the recovery (seconds after
-the burst phase ends until every later second's image p50 is within 1.5 x the baseline p50);
+the burst phase ends until image p50 is within 1.5 x the baseline p50, in one second and in a 5 s
+window; the normal phase goes on until the window rule holds);
 peak RSS (``VmHWM``) of each process. Then a table. Nothing asserts on timings: the figures are
 for docs/reliability.md.
 
@@ -62,6 +63,7 @@ SERVE_READY_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 300.0
 """Per request: far above the longest legitimate wait (a full queue on the slowest pod)."""
 RECOVERY_FACTOR = 1.5
+RECOVERY_WINDOW_S = 5.0
 ACCEPTED = ("image", "429", "503")
 
 
@@ -314,7 +316,7 @@ class Run:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def recovered(run: Run, limit: float, window: float = 5.0) -> bool:
+def recovered(run: Run, limit: float, window: float = RECOVERY_WINDOW_S) -> bool:
     """Whether every request sent in a recent window has come back, with an image p50 within limit
     (the window ends ``window`` seconds ago, so its requests had time to finish)."""
     end = run.now() - window
@@ -432,23 +434,29 @@ def per_second(outcomes: Sequence[Outcome], memory: Memory) -> list[dict[str, An
     return rows
 
 
-def recovery(seconds: Sequence[dict[str, Any]], after: float, baseline_p50: float) -> dict[str, Any]:
-    """Seconds after ``after`` until every later second's image p50 is within the factor."""
+def recovery(
+    outcomes: Sequence[Outcome], seconds: Sequence[dict[str, Any]], after: float, baseline_p50: float
+) -> dict[str, Any]:
+    """How long after ``after`` (the end of the bursts) latency is back within the factor of the
+    baseline p50: the first second whose image p50 is, and the first 5 s window (by send time, as
+    :func:`recovered` judges it while the run goes on) whose median is."""
     limit = RECOVERY_FACTOR * baseline_p50
     later = [r for r in seconds if r["t"] >= int(after) and r["image_p50_s"] is not None]
     first_within = next((r["t"] for r in later if r["image_p50_s"] <= limit), None)
-    stays = None
-    for i, r in enumerate(later):
-        if all(x["image_p50_s"] <= limit for x in later[i:]):
-            stays = r["t"]
+    images = [o for o in outcomes if o.kind == "image" and o.sent >= after]
+    window = None
+    for start in range(int(after), int(max((o.sent for o in images), default=after)) + 1):
+        mine = [o.latency for o in images if start <= o.sent < start + RECOVERY_WINDOW_S]
+        if mine and statistics.median(mine) <= limit:
+            window = start
             break
     return {
         "event": "recovery",
         "baseline_p50_s": round(baseline_p50, 3),
         "limit_s": round(limit, 3),
         "overload_ended_at_s": round(after, 1),
-        "first_within_after_s": round(first_within - after, 1) if first_within is not None else None,
-        "stays_within_after_s": round(stays - after, 1) if stays is not None else None,
+        "first_second_within_after_s": round(first_within - after, 1) if first_within is not None else None,
+        "first_window_within_after_s": round(window - after, 1) if window is not None else None,
     }
 
 
@@ -592,9 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ],
             rows,
         ),
-        f"\nrecovery: baseline p50 {rec.get('baseline_p50_s')} s; after the bursts end, p50 first within "
-        f"{RECOVERY_FACTOR}x after {rec.get('first_within_after_s')} s, stays within after "
-        f"{rec.get('stays_within_after_s')} s",
+        f"\nrecovery: baseline p50 {rec.get('baseline_p50_s')} s; after the bursts end, p50 back within "
+        f"{RECOVERY_FACTOR}x after {rec.get('first_second_within_after_s')} s (one second), "
+        f"{rec.get('first_window_within_after_s')} s ({RECOVERY_WINDOW_S:g} s window)",
         "memory (MB): "
         + "; ".join(
             f"{k} peak {v['vm_hwm_mb']} (sampled {v['first_sample_mb']} -> max {v['sampled_max_mb']} -> "
