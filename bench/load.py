@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.emit(row)
     base = phases[1]["image_latency_s"]
     rec = (
-        recovery(seconds, marks["burst"][1], base["p50"])
+        recovery(run.outcomes, seconds, marks["burst"][1], base["p50"])
         if base
         else {"event": "recovery", "baseline_p50_s": None}
     )
