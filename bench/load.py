@@ -441,11 +441,11 @@ def recovery(
     baseline p50: the first second whose image p50 is, and the first 5 s window (by send time, as
     :func:`recovered` judges it while the run goes on) whose median is."""
     limit = RECOVERY_FACTOR * baseline_p50
-    later = [r for r in seconds if r["t"] >= int(after) and r["image_p50_s"] is not None]
+    later = [r for r in seconds if r["t"] >= math.ceil(after) and r["image_p50_s"] is not None]
     first_within = next((r["t"] for r in later if r["image_p50_s"] <= limit), None)
     images = [o for o in outcomes if o.kind == "image" and o.sent >= after]
     window = None
-    for start in range(int(after), int(max((o.sent for o in images), default=after)) + 1):
+    for start in range(math.ceil(after), int(max((o.sent for o in images), default=after)) + 1):
         mine = [o.latency for o in images if start <= o.sent < start + RECOVERY_WINDOW_S]
         if mine and statistics.median(mine) <= limit:
             window = start
