@@ -260,8 +260,8 @@ class Run:
             ) as resp:
                 data = await resp.read()
                 kind = classify(resp.status, resp.headers, data)
-                with contextlib.suppress(TypeError, ValueError):
-                    retry = float(resp.headers.get("Retry-After"))
+                with contextlib.suppress(ValueError):
+                    retry = float(resp.headers.get("Retry-After", ""))
         except TimeoutError:
             kind = "timeout"
         except aiohttp.ClientError as exc:
