@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     # the HTTP server settings (and the body limit) are the router's flags, and apply to the pods too
     http = tuple(f.name for f in dataclasses.fields(HttpServerSettings))
     settings.add_arguments(
-        serve, PodSettings, title="pods", exclude=("host", "port", "device", "max_body_mb", "instance_id", *http)
+        serve,
+        PodSettings,
+        title="pods",
+        exclude=("host", "port", "device", "max_body_mb", "instance_id", *http),
     )
     operator = sub.add_parser(
         "operator", help="run the Kubernetes operator (ImageGenerator resources to pods and a router)"
