@@ -3,7 +3,8 @@
 Each of the ``-n`` images is one streamed request (``stream: true``, ``n = 1``) with its own seed,
 ``seed``, ``seed + 1``, ... (the same images a single request with ``n`` and ``seed`` makes), sent
 together so that the pod batches them. The streams' progress comments (:mod:`imagefleet.sse`) feed
-a progress bar on stderr; each image is written as ``<seed>.<format>`` in the output folder and its
+a progress line on stderr: ``queued: N ahead`` while the images wait in the pod's queue (the fewest
+samples ahead of any of them), then a bar of the steps done; each image is written as ``<seed>.<format>`` in the output folder and its
 path printed on stdout. Every failure the API can return (401, 400, 404, 413, 429, 5xx), a stream
 that breaks off and a server that cannot be reached end in one line on stderr and exit status 1.
 """
@@ -107,6 +108,7 @@ class Progress:
 
     def __init__(self, images: int, out: TextIO, enabled: bool) -> None:
         self.steps: list[tuple[int, int]] = [(0, 0)] * images
+        self.ahead: list[int | None] = [None] * images
         self.done = [False] * images
         self.out = out
         self.enabled = enabled and out.isatty()
@@ -114,6 +116,11 @@ class Progress:
 
     def update(self, index: int, done: int, total: int) -> None:
         self.steps[index] = (done, total)
+        self.ahead[index] = None
+        self.draw()
+
+    def queued(self, index: int, ahead: int) -> None:
+        self.ahead[index] = ahead
         self.draw()
 
     def finish(self, index: int) -> None:
@@ -129,7 +136,10 @@ class Progress:
         done = sum(d for d, _ in self.steps)
         total = sum(t or max(known, default=0) for _, t in self.steps)  # not started: like the others
         elapsed = time.monotonic() - self.started
-        if total == 0:
+        waiting = [a for a in self.ahead if a is not None]
+        if total == 0 and waiting:
+            line = f"queued: {min(waiting)} ahead ... {elapsed:.0f} s"
+        elif total == 0:
             line = f"waiting for a GPU ... {elapsed:.0f} s"
         else:
             filled = int(BAR_WIDTH * done / total)
@@ -168,6 +178,8 @@ async def fetch(session: aiohttp.ClientSession, job: Job, index: int, progress: 
             for event in parser.feed(line):
                 if (step := event.progress()) is not None:
                     progress.update(index, *step)
+                elif (ahead := event.queued_ahead()) is not None:
+                    progress.queued(index, ahead)
                 elif event.name == "error":
                     raise Failed(_message(_json(event.data), "the image failed"))
                 elif event.name is not None and event.name.endswith(".completed"):

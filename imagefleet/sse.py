@@ -3,8 +3,11 @@
 
 An event is ``event: <name>`` and ``data: <JSON>`` lines ending in a blank line, as OpenAI sends
 them. imagefleet adds one thing, in a form every SSE client skips (comment lines, which the
-``openai`` client and browsers' ``EventSource`` ignore): after each denoising step of the
-streamed image, ``: imagefleet.progress {"steps_done": 5, "steps_total": 20}``.
+``openai`` client and browsers' ``EventSource`` ignore): progress comments. While the request
+waits in the pod's queue, ``: imagefleet.progress {"queued_ahead": 3}`` (the queued samples that
+will start before it, as the pod's scheduler plans now); after each denoising step,
+``: imagefleet.progress {"steps_done": 5, "steps_total": 20}``; and right before an ``error``
+event, ``: imagefleet.error {"status": 503}``, the HTTP status the error has in a plain answer.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROGRESS = "imagefleet.progress"
+ERROR = "imagefleet.error"
 CONTENT_TYPE = "text/event-stream"
 EVENT_PREFIX = {"generate": "image_generation", "edit": "image_edit"}
 """The names of a task's events: ``<prefix>.partial_image`` (previews), then ``<prefix>.completed``."""
 EVENT_KINDS = ("partial_image", "completed")
-ERROR = "error"
+ERROR_EVENT = "error"
 
 
 def event_names(task: str) -> list[str]:
     """Every event a stream of ``task`` may carry (besides ``PROGRESS`` comments)."""
-    return [*(f"{EVENT_PREFIX[task]}.{kind}" for kind in EVENT_KINDS), ERROR]
+    return [*(f"{EVENT_PREFIX[task]}.{kind}" for kind in EVENT_KINDS), ERROR_EVENT]
 
 
 def event(name: str, fields: dict[str, Any], b64: bytes | None = None) -> bytes:
@@ -36,20 +40,24 @@ def event(name: str, fields: dict[str, Any], b64: bytes | None = None) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
 
-def error(envelope: dict[str, Any]) -> bytes:
-    """An ``error`` event carrying OpenAI's error envelope (the ``openai`` client raises it)."""
-    return (
-        b"event: "
-        + ERROR.encode()
-        + b"\ndata: "
-        + json.dumps(envelope, separators=(",", ":")).encode()
-        + b"\n\n"
-    )
+def error(envelope: dict[str, Any], status: int | None = None) -> bytes:
+    """An ``error`` event carrying OpenAI's error envelope (the ``openai`` client raises it),
+    after an ``imagefleet.error`` comment with the HTTP ``status`` the error has in a plain answer
+    (a router retries a stream that fails with 503 before its first event elsewhere)."""
+    data = b"event: error\ndata: " + json.dumps(envelope, separators=(",", ":")).encode() + b"\n\n"
+    if status is None:
+        return data
+    return f": {ERROR} {json.dumps({'status': status})}\n".encode() + data
 
 
 def progress(steps_done: int, steps_total: int) -> bytes:
     body = json.dumps({"steps_done": steps_done, "steps_total": steps_total}, separators=(",", ":"))
     return f": {PROGRESS} {body}\n\n".encode()
+
+
+def queued(ahead: int) -> bytes:
+    """The queue-position comment: ``ahead`` queued samples will start before this one."""
+    return f": {PROGRESS} {json.dumps({'queued_ahead': ahead})}\n\n".encode()
 
 
 @dataclass
@@ -65,13 +73,36 @@ class Event:
         return json.loads(self.data)
 
     def progress(self) -> tuple[int, int] | None:
-        """(steps done, steps total) of an ``imagefleet.progress`` comment; else None."""
-        if self.comment is None or not self.comment.startswith(PROGRESS + " "):
+        """(steps done, steps total) of an ``imagefleet.progress`` step comment; else None."""
+        body = self._progress_body()
+        try:
+            return int(body["steps_done"]), int(body["steps_total"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def queued_ahead(self) -> int | None:
+        """The samples ahead of this request, from an ``imagefleet.progress`` queue comment; else None."""
+        try:
+            return int(self._progress_body()["queued_ahead"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def error_status(self) -> int | None:
+        """The HTTP status of the error that follows, from an ``imagefleet.error`` comment; else None."""
+        try:
+            return int(self._body(ERROR)["status"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _progress_body(self) -> Any:
+        return self._body(PROGRESS)
+
+    def _body(self, kind: str) -> Any:
+        if self.comment is None or not self.comment.startswith(kind + " "):
             return None
         try:
-            body = json.loads(self.comment[len(PROGRESS) + 1 :])
-            return int(body["steps_done"]), int(body["steps_total"])
-        except (ValueError, KeyError, TypeError):
+            return json.loads(self.comment[len(kind) + 1 :])
+        except ValueError:
             return None
 
 

@@ -209,6 +209,39 @@ class Queue:
             del self._charged[k]
         return batch
 
+    def ahead(
+        self,
+        job_id: str,
+        batch_size: Callable[[CompatKey], int],
+        cost: Callable[[CompatKey, int], float],
+    ) -> int | None:
+        """Queued samples that start before ``job_id``'s first queued sample, as the queue would
+        serve what it holds now: batches of ``batch_size(key)`` (fewer when fewer wait), each
+        charged its ``cost``, taken by the same rule as :meth:`next_key` and :meth:`take`.
+        Samples in the same batch as the job's start with it and are not counted; nothing that
+        arrives later is foreseen. None when none of the job's samples is queued."""
+        fifos = {k: list(f) for k, f in self._fifos.items()}
+        taken = dict.fromkeys(fifos, 0)
+        charged = {k: self._charged.get(k, 0.0) for k in fifos}
+        ahead = 0
+        while fifos:
+
+            def order(k: CompatKey) -> tuple[float, float, int]:
+                head = fifos[k][taken[k]]
+                return charged[k], head.enqueued_at, head.id
+
+            key = min(fifos, key=order)
+            fifo, start = fifos[key], taken[key]
+            size = max(1, min(batch_size(key), len(fifo) - start))
+            if any(s.job_id == job_id for s in fifo[start : start + size]):
+                return ahead
+            ahead += size
+            taken[key] = start + size
+            charged[key] += max(cost(key, size), 0.0)
+            if taken[key] >= len(fifo):
+                del fifos[key]
+        return None
+
     def groups(self) -> dict[CompatKey, int]:
         """Queued samples per key."""
         return {key: len(fifo) for key, fifo in self._fifos.items()}

@@ -151,6 +151,12 @@ class BatchState:
 
     # --- what is waiting ---
 
+    def queued_ahead(self, job_id: str) -> int | None:
+        """Queued samples that will start before ``job_id``'s first one, as the queue would serve
+        what waits now (:meth:`~.batching.Queue.ahead`, batches as large as :meth:`batch_cap`);
+        None when the job has nothing queued (it runs, is done or gone)."""
+        return self.queue.ahead(job_id, self.batch_cap, self.costs.estimate)
+
     @property
     def queued_samples(self) -> int:
         return len(self.queue)

@@ -11,7 +11,7 @@ A facade over the parts, each with one job:
 
 Outside this file the pod uses only :meth:`Scheduler.start`, :meth:`~Scheduler.stop`,
 :meth:`~Scheduler.drain`, :meth:`~Scheduler.submit`, :meth:`~Scheduler.cancel` and
-:meth:`~Scheduler.snapshot` (plus :meth:`~Scheduler.learn` for the warm-up and
+:meth:`~Scheduler.snapshot` and :meth:`~Scheduler.queued_ahead` (plus :meth:`~Scheduler.learn` for the warm-up and
 :meth:`~Scheduler.batch_log` for ``/debug/batches``). The clock is injected; all calls come from
 the event loop's thread.
 """
@@ -244,6 +244,11 @@ class Scheduler:
             unit_seconds=self._estimator.unit_seconds(),
             last_error=self._health.last_error,
         )
+
+    def queued_ahead(self, ticket: Ticket) -> int | None:
+        """Queued samples that will start before ``ticket``'s first one (None once none of its
+        samples waits): :meth:`.batchstate.BatchState.queued_ahead`."""
+        return self._state.queued_ahead(ticket.id)
 
     def learn(self, key: CompatKey, outcome: Outcome) -> None:
         """Learn batch costs from a batch run outside the queue (the start-up warm-up)."""

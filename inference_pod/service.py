@@ -122,6 +122,10 @@ class ImageService:
             )
         return Accepted(request, ticket)
 
+    def queued_ahead(self, ticket: Ticket) -> int | None:
+        """Queued samples that will start before ``ticket``'s (None once it left the queue)."""
+        return self._scheduler.queued_ahead(ticket)
+
     def cancel(self, ticket: Ticket, reason: str) -> None:
         """Forget ``ticket``'s work (its client left)."""
         self._scheduler.cancel(ticket, reason)

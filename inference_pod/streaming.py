@@ -9,13 +9,18 @@ Events, for a generation (an edit's are ``image_edit.*``):
 * ``error`` -- ``{"error": {...}}`` in OpenAI's envelope, when the image fails after the stream
   began (the ``openai`` client raises it as ``APIError``).
 
-Between them the stream carries :mod:`imagefleet.sse`'s progress comments after each denoising
-step (for progress bars), which every SSE client skips, the ``openai`` client included.
+Before and between them the stream carries :mod:`imagefleet.sse`'s progress comments, which
+every SSE client skips, the ``openai`` client included: at once and then whenever it changes (at
+most every :data:`QUEUE_UPDATE_S`) while the request waits in the queue, its position (the
+queued samples that will start before it, :meth:`.scheduler.Scheduler.queued_ahead`); after each
+denoising step, the steps done (for progress bars).
 
-Nothing is sent until the sample's batch has run its first step: a request that fails while
-queued (quarantine, shutdown) or in its batch's first step (a device error) still gets a plain
-HTTP error status, which a router can retry on another pod. A client that goes away cancels the
-request exactly as a non-streaming one does (:meth:`.service.ImageService.cancel`).
+The response therefore begins (status 200) as soon as the request is queued, and a request that
+fails while queued (quarantine, shutdown) or in its batch's first step (a device error) gets an
+``error`` event before any other event, after a comment with the status a plain answer would have
+had (503). A router retries such a stream on another pod, as it would the plain 503, since its
+client has seen only comments (docs/router.md). A client that goes away cancels the request
+exactly as a non-streaming one does (:meth:`.service.ImageService.cancel`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from imagefleet.inference_pod.service import Accepted, Gone, ImageService
 
 log = logging.getLogger(__name__)
 
+QUEUE_UPDATE_S = 0.25
+"""The least time between two queue-position comments of one stream."""
 HEADERS = {"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -98,8 +105,16 @@ async def _stream(
 ) -> web.StreamResponse:
     ticket = accepted.ticket
     shown_steps = 0
+    shown_ahead: int | None = None
+    shown_at = -QUEUE_UPDATE_S
     index = 0
     while True:
+        if shown_steps == 0 and not ticket.done:
+            ahead = service.queued_ahead(ticket)
+            now = time.monotonic()
+            if ahead is not None and ahead != shown_ahead and now - shown_at >= QUEUE_UPDATE_S:
+                shown_ahead, shown_at = ahead, now
+                await writer.send(sse.queued(ahead))
         if not ticket.done and not watch.changed.is_set():
             changed = asyncio.ensure_future(watch.changed.wait())
             waiters: set[asyncio.Future[Any]] = {ticket.future, changed}
@@ -131,8 +146,8 @@ async def _finish(writer: _Writer, accepted: Accepted) -> web.StreamResponse:
     if not isinstance(error, APIError):
         error = GenerationFailed(f"Image generation failed: {type(error).__name__}")
     if not writer.started:
-        raise error  # nothing sent yet: a plain error status (a router may retry it elsewhere)
-    await writer.send(sse.error(error.envelope()))
+        raise error  # nothing sent yet: a plain error status
+    await writer.send(sse.error(error.envelope(), error.status))
     with contextlib.suppress(ConnectionResetError):
         await writer.response.write_eof()
     return writer.response

@@ -13,10 +13,22 @@ sent is lost because one pod died. An attempt ends in one of four ways:
 * **anything else** -- the pod's answer, streamed to the client as it arrives (2xx, and also 4xx
   and 5xx: a request the pod rejects would be rejected by every pod). A streamed image
   (``stream: true``, server-sent events without a length) is relayed chunk by chunk as the pod
-  writes it, never gathered first; once its first byte has gone to the client it is not retried.
+  writes it, never gathered first (see below for when it is retried).
 * **ejected** -- the pod was ejected (its load reports stopped) while this request waited for its
   answer, e.g. a hung pod: the connection is closed (the pod, if it ever wakes, takes that as a
   cancellation) and the request goes to another pod, like an unreachable one.
+
+A streamed answer (200, ``text/event-stream``) begins as soon as the pod has queued the request,
+with comment lines only (the queue position, :mod:`imagefleet.sse`); they are relayed as they
+come. Until the first event (a ``data:`` line) the client has seen nothing but comments, so a
+stream that fails before it -- cut off (the pod died or reset the connection) or an ``error``
+event of status 503 (the request failed while queued or in its first step: shutdown,
+quarantine, a device error) -- is **retried on another pod** into the same client response,
+counting against ``max_attempts`` like an unreachable pod. An error event of another status
+(the request's own failure, which would recur elsewhere) is relayed, as a plain 500 would be. Once
+an event other than an error has begun, the rest is relayed chunk by chunk and never retried; a
+pod that breaks off then cuts the client's answer short. When no pod is left to try, the client
+gets an ``error`` event: the last pod's own, or the router's 503 envelope.
 
 ``request_timeout_s`` bounds the whole exchange; past it the client gets 504 in OpenAI's
 envelope and the upstream connection is closed, which the pod takes as a cancellation. A client
@@ -27,15 +39,18 @@ connection the same way.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from imagefleet.errors import BadGateway, Timeout, Unavailable
+from imagefleet import sse
+from imagefleet.errors import APIError, BadGateway, Timeout, Unavailable, error_envelope
 from imagefleet.httpkit import ERROR_MARK
 from imagefleet.router import telemetry as t
 from imagefleet.router.cost import Shape
@@ -101,9 +116,28 @@ class Upstream:
 
 @dataclass
 class Attempt:
-    """The backend being waited on, so a time-out or hang-up is counted against it."""
+    """The backend being waited on, so a time-out or hang-up is counted against it, and the
+    answer being relayed (closed when the exchange ends)."""
 
     view: BackendView | None = None
+    upstream: Upstream | None = None
+
+
+@dataclass
+class Tries:
+    """The attempts of one request so far (shared by every retry of a stream)."""
+
+    tried: set[str] = field(default_factory=set)
+    failures: int = 0
+    retry_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamFailed:
+    """A streamed answer that ended before its first event: ``error`` holds the pod's error event
+    (its bytes), or None when the stream was cut off."""
+
+    error: bytes | None
 
 
 class BackendEjected(Exception):
@@ -148,18 +182,20 @@ async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web
     loop = asyncio.get_running_loop()
     deadline = loop.time() + rt.settings.request_timeout_s
     reply = web.StreamResponse()
-    upstream: Upstream | None = None
     attempt = Attempt()
+    tries = Tries()
     try:
         async with asyncio.timeout_at(deadline):
-            sent = await _send(rt, request, out, attempt)
+            sent = await _send(rt, request, out, attempt, tries)
             if isinstance(sent, Buffered):  # every pod was full: the router's own 429
                 answer = web.Response(body=sent.body, status=sent.status, headers=sent.headers)
                 answer[ERROR_MARK] = True
                 return answer
-            upstream = sent
-            attempt.view = upstream.view
-            return await _relay(request, upstream, reply, out.rewrite)
+            attempt.upstream = sent
+            attempt.view = sent.view
+            if _is_event_stream(sent.response):
+                return await _relay_events(rt, request, out, attempt, tries, reply)
+            return await _relay(request, sent, reply, out.rewrite)
     except TimeoutError:
         if attempt.view is not None:
             rt.metrics.requests.labels(attempt.view.name, t.TIMEOUT).inc()
@@ -174,25 +210,23 @@ async def forward(rt: RouterRuntime, request: web.Request, out: Outbound) -> web
             rt.metrics.requests.labels(attempt.view.name, t.CANCELLED).inc()
         raise
     finally:
-        if upstream is not None:
-            upstream.response.close()
-            rt.view.end(upstream.view, upstream.token)
+        if attempt.upstream is not None:
+            attempt.upstream.response.close()
+            rt.view.end(attempt.upstream.view, attempt.upstream.token)
         rt.metrics.request_seconds.labels(out.endpoint).observe(time.monotonic() - started)
 
 
 async def _send(
-    rt: RouterRuntime, request: web.Request, out: Outbound, attempt: Attempt
+    rt: RouterRuntime, request: web.Request, out: Outbound, attempt: Attempt, tries: Tries
 ) -> Upstream | Buffered:
-    tried: set[str] = set()
-    failures = 0
+    tried = tries.tried
     full: list[Buffered] = []
-    retry_reason: str | None = None
-    while failures < rt.settings.max_attempts:
+    while tries.failures < rt.settings.max_attempts:
         view = pick(rt, out.shape, tried)
         if view is None:
             break
-        if retry_reason is not None:
-            rt.metrics.retries.labels(retry_reason).inc()
+        if tries.retry_reason is not None:
+            rt.metrics.retries.labels(tries.retry_reason).inc()
         tried.add(view.name)
         token = rt.view.begin(view, out.shape, time.monotonic())
         attempt.view = view
@@ -211,15 +245,15 @@ async def _send(
             rt.view.end(view, token)
             rt.metrics.requests.labels(view.name, t.UNREACHABLE).inc()
             rt.view.failed(view, time.monotonic(), f"request failed: {describe_error(exc)}")
-            failures += 1
-            retry_reason = t.RETRY_UNREACHABLE
+            tries.failures += 1
+            tries.retry_reason = t.RETRY_UNREACHABLE
             continue
         except BackendEjected:
             attempt.view = None
             rt.view.end(view, token)
             rt.metrics.requests.labels(view.name, t.EJECTED).inc()
-            failures += 1
-            retry_reason = t.RETRY_EJECTED
+            tries.failures += 1
+            tries.retry_reason = t.RETRY_EJECTED
             continue
         except BaseException:
             rt.view.end(view, token)
@@ -239,11 +273,11 @@ async def _send(
         rt.metrics.requests.labels(view.name, t.outcome_of(status)).inc()
         if status == 429:
             full.append(answer)
-            retry_reason = t.RETRY_OVERLOADED
+            tries.retry_reason = t.RETRY_OVERLOADED
         else:
             rt.view.refused(view)
-            failures += 1
-            retry_reason = t.RETRY_UNAVAILABLE
+            tries.failures += 1
+            tries.retry_reason = t.RETRY_UNAVAILABLE
     if full:
         return min(full, key=lambda a: a.retry_after)
     if not tried:
@@ -332,6 +366,147 @@ async def _relay(
             _abort(request)
             return reply
         raise BadGateway("The pod broke off its answer.", code="backend_disconnected") from None
+
+
+async def _relay_events(
+    rt: RouterRuntime,
+    request: web.Request,
+    out: Outbound,
+    attempt: Attempt,
+    tries: Tries,
+    reply: web.StreamResponse,
+) -> web.StreamResponse:
+    """A streamed answer to the client, retried on another pod while the client has seen only
+    comments (see the module's docstring); ``attempt.upstream`` is the first pod's 200 stream."""
+    while True:
+        upstream = attempt.upstream
+        assert upstream is not None
+        failed = await _relay_until_event(request, upstream, reply)
+        if failed is None:
+            return reply
+        view = upstream.view
+        log.warning(
+            "Backend %s's stream %s before its first event; trying another",
+            view.name,
+            "failed" if failed.error is not None else "broke off",
+        )
+        upstream.response.close()
+        rt.view.end(view, upstream.token)
+        attempt.upstream = None
+        if failed.error is None:
+            rt.metrics.requests.labels(view.name, t.UNREACHABLE).inc()
+            rt.view.failed(view, time.monotonic(), "its stream broke off")
+        else:  # as a plain 503: not accepting until its next report
+            rt.view.refused(view)
+        tries.failures += 1
+        tries.retry_reason = t.RETRY_STREAM_FAILED
+        try:
+            sent = await _send(rt, request, out, attempt, tries)
+        except APIError as exc:  # no pod left to try
+            return await _end_stream(reply, failed.error or sse.error(exc.envelope()))
+        if isinstance(sent, Buffered):  # every other pod is full
+            return await _end_stream(reply, sse.error(_envelope(sent.body, sent.status)))
+        attempt.upstream = sent
+        attempt.view = sent.view
+        if not _is_event_stream(sent.response):  # a plain error answer: as an error event now
+            try:
+                body = await sent.response.read()
+            except aiohttp.ClientError:
+                body = b""
+            return await _end_stream(reply, sse.error(_envelope(body, sent.response.status)))
+
+
+async def _relay_until_event(
+    request: web.Request, upstream: Upstream, reply: web.StreamResponse
+) -> StreamFailed | None:
+    """Relay ``upstream``'s stream: comment lines one by one until an event begins, then all the
+    rest as it comes (None). A stream that ends or breaks off before any event, or whose first
+    event is an ``error`` with status 503 (:func:`imagefleet.sse.error`), is not relayed further
+    (:class:`StreamFailed`); any other error event is relayed, as a plain 500 answer would be."""
+    response = upstream.response
+    if not reply.prepared:
+        reply.set_status(200)
+        reply.headers.update(_passed_headers(response))
+        await reply.prepare(request)
+    pending = b""
+    status: int | None = None  # from the comment right before an error event
+    error: list[bytes] | None = None  # the lines of an error event being read
+    committed = False
+    chunks = response.content.iter_any()
+    try:
+        while not committed:
+            line, sep, rest = pending.partition(b"\n")
+            if error is not None or pending.startswith(b":"):
+                if not sep:  # a comment or an error event's line: read it whole
+                    pending += await anext(chunks)
+                    continue
+                pending = rest
+                if error is None:
+                    status = _error_status(line)
+                    await reply.write(line + sep)
+                elif line.rstrip(b"\r"):
+                    error.append(line + sep)
+                elif status in RETRIED_STATUSES:
+                    return StreamFailed(b"".join(error) + line + sep)
+                else:  # an error the next pod would give as well: the client's answer
+                    pending, committed = b"".join(error) + line + sep + pending, True
+            elif pending.startswith((b"\n", b"\r\n")):
+                pending = rest
+                await reply.write(line + sep)
+            elif len(pending) < len(ERROR_EVENT) and ERROR_EVENT.startswith(pending):
+                pending += await anext(chunks)  # "event: error" or another event: not yet known
+            elif pending.startswith(ERROR_EVENT):
+                error = []
+            else:  # the first event: from here on relayed as it comes, never retried
+                committed = True
+        await reply.write(pending)
+        async for chunk in response.content.iter_chunked(CHUNK):
+            await reply.write(chunk)
+        await reply.write_eof()
+        return None
+    except (aiohttp.ClientError, StopAsyncIteration):
+        if committed:
+            log.warning("Backend %s broke off its answer", upstream.view.name)
+            _abort(request)  # an event had begun: the client sees a cut-short response
+            return None
+        return StreamFailed(None)
+
+
+ERROR_EVENT = b"event: error"
+RETRIED_STATUSES = (503,)
+"""Error statuses of a stream's first event that send it to another pod (as a plain 503 would)."""
+
+
+def _error_status(comment: bytes) -> int | None:
+    """The status an ``imagefleet.error`` comment line announces; None for any other line."""
+    for event in sse.Parser().feed(comment.rstrip(b"\r").decode(errors="replace")):
+        return event.error_status()
+    return None
+
+
+async def _end_stream(reply: web.StreamResponse, event: bytes) -> web.StreamResponse:
+    """End a stream the client has seen only comments of with ``event`` (an ``error`` event)."""
+    try:
+        await reply.write(event)
+        await reply.write_eof()
+    except ConnectionResetError:
+        pass
+    return reply
+
+
+def _envelope(body: bytes, status: int) -> dict[str, Any]:
+    """A pod's error answer as OpenAI's envelope (its own when it sent one)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return parsed
+    return error_envelope(f"The backend answered {status}.", "server_error")
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.status == 200 and response.content_type == sse.CONTENT_TYPE
 
 
 def _abort(request: web.Request) -> None:

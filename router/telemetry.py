@@ -33,6 +33,8 @@ RETRY_UNREACHABLE = "unreachable"
 RETRY_UNAVAILABLE = "unavailable"
 RETRY_OVERLOADED = "overloaded"
 RETRY_EJECTED = "ejected"
+RETRY_STREAM_FAILED = "stream_failed"
+"""A streamed answer that ended (an error event, or cut off) before its first event."""
 
 
 def outcome_of(status: int) -> str:
@@ -80,7 +82,13 @@ class RouterMetrics:
             ["endpoint", "status", "origin"],
             registry=r,
         )
-        for reason in (RETRY_UNREACHABLE, RETRY_UNAVAILABLE, RETRY_OVERLOADED, RETRY_EJECTED):
+        for reason in (
+            RETRY_UNREACHABLE,
+            RETRY_UNAVAILABLE,
+            RETRY_OVERLOADED,
+            RETRY_EJECTED,
+            RETRY_STREAM_FAILED,
+        ):
             self.retries.labels(reason)
 
     def bind_connection_errors(self, counts: Callable[[], Mapping[str, int]]) -> None:

@@ -43,7 +43,7 @@ class EventStream:
 
     @property
     def response(self) -> http.client.HTTPResponse:
-        """The response, waited for on first use (a pod sends nothing while the request queues)."""
+        """The response, waited for on first use (a pod answers as soon as it has queued the request)."""
         if self._response is None:
             self._response = self._conn.getresponse()
         return self._response

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import pty
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from imagefleet.testing.routers import Held
 from imagefleet.testing.servers import free_port, wait_until
 from tests.conftest import PodFactory
 
@@ -121,8 +124,68 @@ def test_a_full_queue_is_one_line_429(make_pod: PodFactory, tmp_path: Path) -> N
     assert "429" in line and "retry after" in line
 
 
-def test_a_failed_gpu_is_one_line_503(make_pod: PodFactory, tmp_path: Path) -> None:
+def test_a_failed_gpu_is_one_line(make_pod: PodFactory, tmp_path: Path) -> None:
     pod = make_pod()
-    pod.arm("runtime")
+    pod.arm("runtime")  # fails the first step: the stream, already begun, carries an error event
     line = one_line_error(generate("x", "-o", str(tmp_path), "--url", pod.url))
-    assert "503" in line
+    assert "GPU failed" in line
+
+
+def test_the_progress_line_shows_the_queue_position_then_the_steps(
+    make_pod: PodFactory, tmp_path: Path
+) -> None:
+    pod = make_pod(max_batch_size=1)
+    pod.arm("stall", seconds=120)  # the first request holds the GPU
+    holder = Held(pod.url, num_inference_steps=6).start()
+    wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the first batch to start")
+    ahead = Held(pod.url, num_inference_steps=6).start()
+    wait_until(lambda: pod.load()["queued_samples"] == 1, 30, "one sample to queue")
+    terminal, stderr = pty.openpty()  # the progress line is drawn on a terminal only
+    env = {**os.environ, "IMAGEFLEET_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imagefleet",
+            "generate",
+            "x",
+            "--steps",
+            "6",
+            "-o",
+            str(tmp_path),
+            "--url",
+            pod.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+    )
+    os.close(stderr)
+    shown: list[str] = []
+    reader = threading.Thread(target=_read_all, args=(terminal, shown), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "queued: 1 ahead" in "".join(shown), 60, "the position on the progress line")
+        ahead.hang_up()
+        wait_until(lambda: "queued: 0 ahead" in "".join(shown), 60, "the position falling")
+        holder.hang_up()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    assert proc.returncode == 0, "".join(shown)
+    assert len(out.split()) == 1 and Path(out.strip()).is_file()
+    text = "".join(shown)
+    assert text.index("queued: 1 ahead") < text.index("queued: 0 ahead") < text.index("steps")
+
+
+def _read_all(fd: int, into: list[str]) -> None:
+    try:
+        while chunk := os.read(fd, 4096):
+            into.append(chunk.decode(errors="replace"))
+    except OSError:  # the other end closed
+        pass
+    finally:
+        os.close(fd)

@@ -131,12 +131,43 @@ def test_a_failure_after_the_stream_began_is_an_error_event(make_pod: PodFactory
     assert info.value.code == "device_error"
 
 
-def test_a_failure_before_the_first_step_is_a_plain_503(make_pod: PodFactory) -> None:
+def test_a_failure_in_the_first_step_is_an_error_event_before_any_other_with_its_status(
+    make_pod: PodFactory,
+) -> None:
     pod = make_pod()
     pod.arm("runtime")
-    with pytest.raises(openai.InternalServerError) as info:
+    with EventStream(pod.url, {"prompt": "x", "stream": True, "partial_images": 2}) as s:
+        assert s.status == 200
+        seen = list(s)
+    assert seen[0].queued_ahead() == 0  # the stream began while the request was queued
+    assert [e.name for e in seen if e.name is not None] == ["error"]
+    assert [e.error_status() for e in seen if e.error_status() is not None] == [503]
+    assert seen[-1].json()["error"]["code"] == "device_error"
+    with pytest.raises(openai.APIError) as info:
+        pod.arm("runtime")
         stream(pod, seed=1, partial_images=2)
-    assert info.value.status_code == 503
+    assert info.value.code == "device_error"
+
+
+def test_a_queued_stream_is_told_how_many_samples_are_ahead_as_that_falls(make_pod: PodFactory) -> None:
+    pod = make_pod(max_batch_size=1)
+    pod.arm("stall", seconds=120)  # the first request holds the GPU
+    holder = Held(pod.url, num_inference_steps=STEPS).start()
+    wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the first batch to start")
+    before = Held(pod.url, n=2, num_inference_steps=STEPS).start()
+    wait_until(lambda: pod.load()["queued_samples"] == 2, 30, "two samples to queue")
+    body = {"prompt": "queued", "stream": True, "partial_images": 1, "num_inference_steps": STEPS}
+    with EventStream(pod.url, body) as s:
+        seen = iter(s)
+        assert next(seen).queued_ahead() == 2
+        before.hang_up()  # the two samples ahead leave the queue
+        assert next(seen).queued_ahead() == 0
+        holder.hang_up()  # the GPU frees: the stream's batch runs
+        rest = list(seen)
+    names = [e.name for e in rest if e.name is not None]
+    assert names == ["image_generation.partial_image", "image_generation.completed"]
+    first_step = next(i for i, e in enumerate(rest) if e.progress() is not None)
+    assert all(e.queued_ahead() is None for e in rest[first_step:])  # no position once it runs
 
 
 def test_a_partial_arrives_while_the_batch_runs_and_hanging_up_cancels_it(make_pod: PodFactory) -> None:

@@ -55,6 +55,39 @@ def test_remove_drops_a_jobs_samples() -> None:
     assert q.groups() == {A: 1} and not q.has_other_keys(A)
 
 
+def test_ahead_counts_the_samples_fair_sharing_serves_first() -> None:
+    q = Queue()
+    # four A samples of 2 s each arrive first, then one B sample (1 s), then a fifth A
+    q.add([sample(A, f"a{i}", t=i) for i in range(4)] + [sample(B, "b", t=10), sample(A, "late", t=11)])
+    size = {A: 2, B: 1}.get
+    cost = {A: 2.0, B: 1.0}
+
+    def ahead(job: str) -> int | None:
+        return q.ahead(job, lambda k: size(k) or 1, lambda k, n: cost[k] * n)
+
+    # A's first batch (a0, a1) starts first; then B (charged 0 < 4); then a2, a3; then late
+    assert [ahead(j) for j in ("a0", "a1", "b", "a2", "a3", "late")] == [0, 0, 2, 3, 3, 5]
+    assert ahead("nobody") is None
+    q.remove(lambda s: s.job_id in ("a0", "a1", "a2"))
+    assert ahead("late") == 0 and ahead("b") == 2  # late now shares a3's batch, the first
+
+
+def test_ahead_foretells_the_order_take_serves_in() -> None:
+    q = Queue()
+    keys = [A, B, A, A, B, A, B, B, A]
+    q.add([sample(k, f"j{i}", t=i) for i, k in enumerate(keys)])
+    q.take(B, 1, cost=3.0)  # B has run a batch already: it owes
+    predicted = {f"j{i}": q.ahead(f"j{i}", lambda k: 2, lambda k, n: float(n)) for i in range(len(keys))}
+    started = 0
+    actual: dict[str, int] = {}
+    while (key := q.next_key()) is not None:
+        batch = q.take(key, 2, cost=2.0)
+        for s in batch:
+            actual[s.job_id] = started
+        started += len(batch)
+    assert predicted == {**actual, "j1": None}  # j1 was the batch that already ran
+
+
 def test_curve_cap_stops_where_larger_batches_buy_less_than_the_threshold() -> None:
     assert curve_cap(8, affine(0.0, 1.0)) == 1  # linear: batching buys nothing
     assert curve_cap(8, affine(1.0, 0.0)) == 8  # pure overhead: every extra sample is free
