@@ -168,6 +168,7 @@ def test_imagegenerator_crd_is_served_and_validated(
         "maxBatchSize": 8,  # given; the rest are schema defaults, the pod settings' own
         "maxWaitMs": 500,
         "maxQueuedImages": 64,
+        "maxQueuedGpuSeconds": 1200,
         "policy": "auto",
     }
 

@@ -22,6 +22,7 @@ from imagefleet.router.auth import KeyStore
 from imagefleet.router.discovery import Backend, StaticDiscovery
 from imagefleet.router.loadview import LoadView
 from imagefleet.router.pick import PICKERS
+from imagefleet.router.signing import UrlSigner
 from imagefleet.router.state import RouterRuntime
 from imagefleet.router.telemetry import RouterMetrics
 from imagefleet.router.web import CSP, STATIC_DIR, is_page, load_assets
@@ -140,6 +141,7 @@ def runtime(**settings: object) -> RouterRuntime:
         keys=KeyStore(),
         picker=PICKERS["least-wait"],
         rng=random.Random(0),
+        signer=UrlSigner(b"k" * 32, ttl_s=3600),
     )
 
 
