@@ -29,50 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-PROMPT = "a lighthouse at dusk, oil painting"
-STEPS, GUIDANCE, SIZE = 28, 4.5, 1024
-
-
-def sync() -> None:
-    torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
-
-
-def emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)
-
-
-def latents(pipe: Any, seed: int, batch: int = 1) -> torch.Tensor:
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-    with torch.inference_mode():
-        return pipe(
-            prompt=[PROMPT] * batch,
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=generators,
-            output_type="latent",
-        ).images
-
-
-def decode(pipe: Any, lat: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        x = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(x, return_dict=False)[0]
-        return ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from bench.profile_sd35 import STEPS, build, decode, emit, latents, timed
 
 
 def images(pipe: Any, seeds: int) -> list[torch.Tensor]:
@@ -106,14 +67,6 @@ class Counter:
             return inner(*args, **kwargs)
 
         block.forward = forward
-
-
-def build() -> Any:
-    from imagefleet.inference_pod import synthetic
-
-    pipe = synthetic.build("sd3.5-medium", "cuda", torch.bfloat16)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def warm_start(args: argparse.Namespace) -> int:
