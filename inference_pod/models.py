@@ -29,6 +29,8 @@ import torch
 
 from imagefleet.inference_pod import acceleration
 from imagefleet.inference_pod.acceleration import Acceleration, StepCache
+from imagefleet.inference_pod.prompts import FAMILIES as NEGATIVE_REUSE_FAMILIES
+from imagefleet.inference_pod.prompts import EmptyNegative
 from imagefleet.schema import Defaults
 from imagefleet.settings import PodSettings
 
@@ -73,6 +75,8 @@ class LoadedModel:
     acceleration: Acceleration = field(default_factory=Acceleration)
     step_cache: StepCache | None = None
     """The fast tier's cache on the denoiser, when the pod serves that tier."""
+    empty_negative: EmptyNegative | None = None
+    """The empty negative prompt's embeddings, encoded once (families that take them)."""
     _derived: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -143,6 +147,8 @@ def load(settings: PodSettings) -> LoadedModel:
         log.warning("Serving %s with RANDOM WEIGHTS: images are noise, timings are real", name)
     log.info("Loaded %s (%s, %s on %s; %s)", name, info.family, info.dtype, device, accel.to_json())
     model = LoadedModel(info=info, text2img=pipe, acceleration=accel, step_cache=step_cache)
+    if info.family in NEGATIVE_REUSE_FAMILIES:
+        model.empty_negative = EmptyNegative()
     model.info = derive_edit_pipelines(model)
     return model
 

@@ -233,6 +233,8 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
     }
     if any(s.negative_prompt for s in samples):
         kwargs["negative_prompt"] = [s.negative_prompt or "" for s in samples]
+    elif model.empty_negative is not None and key.guidance > 1:
+        kwargs.update(model.empty_negative.kwargs(pipe, len(samples)))
     if key.task == "generate":
         kwargs.update(height=key.height, width=key.width)
     else:

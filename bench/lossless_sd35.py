@@ -1,0 +1,315 @@
+"""Beyond compiled blocks: what else buys lossless speed on SD3.5-Medium (GPU; CPU smoke).
+
+Every variant is measured in one process against eager (the baseline, same run) and against the
+pod's current lossless tier (fused QKV + the 24 blocks compiled one by one), at batch 1 (and the
+batch sizes of ``--batch-sizes``), latents only, best of ``--repeats``, device synchronised. For
+each, the max / mean absolute difference of the decoded images from eager on the same seeds
+(0..255). Variants, each from a clean compile (``torch._dynamo.reset()``):
+
+* ``blocks`` -- the pod's lossless tier today (the reference for the others);
+* ``blocks-flash`` / ``blocks-cudnn`` -- the same with SDPA forced to one fused kernel *inside the
+  transformer only* (the text encoders' masked attention takes neither);
+* ``whole`` -- the whole transformer compiled as one graph instead of block by block (fusion
+  across block boundaries, no Python between blocks);
+* ``whole-graphs`` / ``blocks-graphs`` -- the same in ``mode="reduce-overhead"`` (CUDA graphs:
+  one replay per step or per block instead of hundreds of kernel launches);
+* ``whole-freeze`` -- ``whole`` with Inductor's ``freezing`` (weights folded as constants) and
+  coordinate-descent tuning of its generated kernels.
+
+Then the text encoders (CLIP-L, CLIP-G, T5-XXL), which run once per request: eager, with the
+empty negative prompt's embeddings computed once and reused (they never change), and with the
+encoders compiled. Last, ``torch.profiler`` over one compiled CFG call, CUDA time by kernel kind.
+
+    python -m bench.lossless_sd35 [--variants blocks,whole,...] [--batch-sizes 1,4]
+    python -m bench.lossless_sd35 --arch sd3-tiny --device cpu --size 64 --steps 2 --repeats 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from bench import profile_sd35 as prof
+
+PROMPT = prof.PROMPT
+
+
+class Setup:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.arch, self.device, self.size, self.steps = args.arch, args.device, args.size, args.steps
+        self.graphs = False
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - start
+
+    def build(self) -> Any:
+        from imagefleet.inference_pod import synthetic
+
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        pipe = synthetic.build(self.arch, self.device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def latents(self, pipe: Any, seed: int, batch: int = 1, **extra: Any) -> torch.Tensor:
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+        callback = None
+        if self.graphs:
+
+            def callback(_pipe: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                torch.compiler.cudagraph_mark_step_begin()
+                return tensors
+
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[PROMPT] * batch,
+                height=self.size,
+                width=self.size,
+                num_inference_steps=self.steps,
+                guidance_scale=prof.GUIDANCE,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=callback,
+                **extra,
+            )
+        return out.images.clone()
+
+    def per_image(self, pipe: Any, batch: int, repeats: int) -> tuple[float, float]:
+        """(first call seconds, best of ``repeats`` seconds per image) at ``batch``."""
+        _, first = self.timed(lambda: self.latents(pipe, 0, batch))
+        best = min(self.timed(lambda: self.latents(pipe, 0, batch))[1] for _ in range(repeats))
+        return first, best / batch
+
+    def decode(self, pipe: Any, lat: torch.Tensor) -> torch.Tensor:
+        return prof.decode(pipe, lat)
+
+    def images(self, pipe: Any, seeds: int) -> list[torch.Tensor]:
+        return [self.decode(pipe, self.latents(pipe, s)).float() for s in range(seeds)]
+
+
+def diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, float]:
+    d = [(x - y).abs() for x, y in zip(a, b, strict=True)]
+    return {
+        "max_abs_diff": float(max(t.max() for t in d)),
+        "mean_abs_diff": round(float(sum(t.mean() for t in d) / len(d)), 4),
+    }
+
+
+@contextmanager
+def attention(transformer: Any, backend: str | None) -> Iterator[None]:
+    """SDPA forced to ``backend`` around the transformer's calls only."""
+    if backend is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    inner = transformer.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel([chosen]):
+            return inner(*args, **kwargs)
+
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        del transformer.forward
+
+
+def uncompile(transformer: Any) -> None:
+    from imagefleet.inference_pod import acceleration as acc
+
+    torch._dynamo.reset()
+    for block in acc.blocks_of(transformer):
+        block.__dict__.pop("forward", None)
+    transformer.__dict__.pop("forward", None)
+
+
+def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
+    """Compile ``transformer`` for ``variant``; returns (attention backend, uses CUDA graphs)."""
+    from imagefleet.inference_pod import acceleration as acc
+
+    uncompile(transformer)
+    import torch._inductor.config as inductor
+
+    inductor.freezing = False
+    inductor.coordinate_descent_tuning = False
+    base, _, extra = variant.partition("-")
+    graphs = extra == "graphs"
+    mode = "reduce-overhead" if graphs else None
+    if extra == "freeze":
+        inductor.freezing = True
+        inductor.coordinate_descent_tuning = True
+    if base == "blocks":
+        acc.compile_blocks(transformer, mode=mode)
+    elif base == "whole":
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        transformer.forward = torch.compile(transformer.forward, dynamic=False, mode=mode)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    backend = extra if extra in ("flash", "cudnn") else None
+    return backend, graphs
+
+
+def encoders(setup: Setup, pipe: Any, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Prompt encoding per request: eager, with the negative prompt's embeddings reused, compiled."""
+    rows = []
+
+    def encode(batch: int, negative: tuple[torch.Tensor, torch.Tensor] | None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if negative is not None:
+            kwargs = {
+                "negative_prompt_embeds": negative[0].expand(batch, -1, -1),
+                "negative_pooled_prompt_embeds": negative[1].expand(batch, -1),
+            }
+        with torch.inference_mode():
+            return pipe.encode_prompt(
+                prompt=[PROMPT] * batch,
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=True,
+                **kwargs,
+            )
+
+    def best(batch: int, negative: Any) -> float:
+        encode(batch, negative)
+        return min(setup.timed(lambda: encode(batch, negative))[1] for _ in range(repeats))
+
+    with torch.inference_mode():
+        out = pipe.encode_prompt(prompt=[""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+    negative = (out[0], out[2])
+    reference = encode(1, None)
+    for batch in batches:
+        rows.append({"variant": "encode-eager", "batch": batch, "seconds": round(best(batch, None), 4)})
+        rows.append(
+            {"variant": "encode-negative-reused", "batch": batch, "seconds": round(best(batch, negative), 4)}
+        )
+    reused = encode(1, negative)
+    same = all(torch.equal(a, b) for a, b in zip(reference, reused, strict=True))
+    rows.append({"variant": "encode-negative-reused", "identical_to_eager": same})
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.forward = torch.compile(module.forward, dynamic=False)
+    for batch in batches:
+        _, first = setup.timed(functools.partial(encode, batch, negative))
+        rows.append(
+            {
+                "variant": "encode-compiled-negative-reused",
+                "batch": batch,
+                "first_call_s": round(first, 1),
+                "seconds": round(best(batch, negative), 4),
+            }
+        )
+    compiled = encode(1, None)
+    rows.append(
+        {
+            "variant": "encode-compiled",
+            "prompt_embeds_max_abs_diff": float((compiled[0] - reference[0]).abs().max()),
+            "pooled_max_abs_diff": float((compiled[2] - reference[2]).abs().max()),
+        }
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variants", default="blocks,blocks-cudnn,blocks-flash,whole,whole-graphs,blocks-graphs,whole-freeze"
+    )
+    parser.add_argument("--batch-sizes", default="1", help="batch sizes timed for every variant")
+    parser.add_argument("--encoder-batches", default="1,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--arch", default="sd3.5-medium")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, default=prof.SIZE)
+    parser.add_argument("--steps", type=int, default=prof.STEPS)
+    parser.add_argument("--no-encoders", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args(argv)
+    from imagefleet.inference_pod import acceleration as acc
+
+    setup = Setup(args)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows: list[dict[str, Any]] = []
+
+    def row(record: dict[str, Any]) -> None:
+        record = {"event": "variant", **record}
+        prof.emit(record)
+        rows.append(record)
+
+    start = time.perf_counter()
+    pipe = setup.build()
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    prof.emit({"event": "build", "seconds": round(time.perf_counter() - start, 1), "card": card})
+    transformer = pipe.transformer
+    setup.latents(pipe, 0)
+    reference = setup.images(pipe, args.seeds)
+    for b in sizes:
+        _, best = setup.per_image(pipe, b, args.repeats)
+        row({"variant": "eager", "batch": b, "s_per_image": round(best, 4)})
+    acc.fuse_qkv(transformer)
+    for variant in [v for v in args.variants.split(",") if v]:
+        try:
+            backend, setup.graphs = apply(variant, transformer)
+            with attention(transformer, backend):
+                for b in sizes:
+                    first, best = setup.per_image(pipe, b, args.repeats)
+                    extra = diff(setup.images(pipe, args.seeds), reference) if b == sizes[0] else {}
+                    row(
+                        {
+                            "variant": variant,
+                            "batch": b,
+                            "first_call_s": round(first, 1),
+                            "s_per_image": round(best, 4),
+                            **extra,
+                        }
+                    )
+        except Exception as exc:  # a variant that does not run here is a result too
+            prof.emit(
+                {"event": "variant", "variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            )
+        finally:
+            setup.graphs = False
+    uncompile(transformer)
+    acc.compile_blocks(transformer)
+    if not args.no_encoders:
+        for record in encoders(setup, pipe, [int(b) for b in args.encoder_batches.split(",")], args.repeats):
+            prof.emit({"event": "encoder", **record})
+    if not args.no_profile and args.device == "cuda":
+        setup.latents(pipe, 0)
+        prof.emit({"event": "transformer_compiled_blocks", **prof.transformer_breakdown(pipe)})
+
+    eager = {r["batch"]: r["s_per_image"] for r in rows if r["variant"] == "eager"}
+    blocks = {r["batch"]: r["s_per_image"] for r in rows if r["variant"] == "blocks"}
+    print("variant          batch  first s  s/image   img/h  vs eager  vs blocks  max|d|  mean|d|")
+    for r in rows:
+        s, b = r["s_per_image"], r["batch"]
+        vs_blocks = f"{blocks[b] / s:.3f}" if b in blocks else "-"
+        print(
+            f"{r['variant']:<16} {b:>5} {r.get('first_call_s', 0):>8.1f} {s:>8.3f} {3600 / s:>7.0f} "
+            f"{eager[b] / s:>9.3f} {vs_blocks:>10} {r.get('max_abs_diff', 0):>7.1f} {r.get('mean_abs_diff', 0):>8.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
