@@ -8,7 +8,8 @@ before anything was measured) and checks, in this order:
    (``request_too_expensive``); it would hold the GPU that long wherever it ran, so the message
    gives the estimate, the ceiling and what to lower;
 2. queued images: beyond ``max_queued_images`` waiting samples, 429 (``queue_full``), Retry-After
-   the expected wait;
+   the estimated time until enough images have left the queue for this request's to fit (what
+   remains of the running batch plus that share of the queued work);
 3. queued work: when the GPU-seconds already queued plus this request's would pass
    ``max_queued_gpu_seconds``, 429 (``queue_full``), Retry-After the estimated time until it
    fits (what remains of the running batch plus the excess: the queue drains one GPU-second per
@@ -59,7 +60,10 @@ def check(bounds: Bounds, load: Load, *, n: int, cost: float, what: str, measure
             code="request_too_expensive",
         )
     if load.queued_samples + n > bounds.max_queued_images:
-        wait = load.expected_wait_seconds
+        # until enough of the queue has drained for these n images to fit, not until all of it
+        excess = load.queued_samples + n - bounds.max_queued_images
+        share = min(1.0, excess / max(1, load.queued_samples))
+        wait = load.running_remaining_seconds + load.queued_seconds * share
         return Overloaded(
             f"The queue is full ({load.queued_samples} images waiting); retry in about {wait:.0f} s.",
             retry_after=max(1.0, wait),

@@ -25,11 +25,20 @@ def test_a_request_over_the_ceiling_is_refused_with_400_whatever_the_queue() -> 
 
 
 def test_the_image_count_bound_still_holds() -> None:
-    load = Load(queued_samples=60, queued_seconds=10.0, running_remaining_seconds=2.0)
+    load = Load(queued_samples=60, queued_seconds=60.0, running_remaining_seconds=2.0)
     error = check(BOUNDS, load, n=5, cost=1.0, what=WHAT, measured=True)
     assert isinstance(error, Overloaded) and error.status == 429 and error.code == "queue_full"
-    assert error.headers["Retry-After"] == "12" and "60 images waiting" in error.message
+    assert "60 images waiting" in error.message
     assert check(BOUNDS, load, n=4, cost=1.0, what=WHAT, measured=True) is None
+
+
+def test_retry_after_on_a_full_queue_is_the_time_until_the_request_fits() -> None:
+    """One image too many waits for one queued image's share, not for the whole queue."""
+    load = Load(queued_samples=60, queued_seconds=60.0, running_remaining_seconds=2.0)
+    one_over = check(BOUNDS, load, n=5, cost=1.0, what=WHAT, measured=True)
+    assert isinstance(one_over, Overloaded) and one_over.headers["Retry-After"] == "3"  # 2 + 60 * 1/60
+    all_over = check(BOUNDS, load, n=64, cost=1.0, what=WHAT, measured=True)
+    assert isinstance(all_over, Overloaded) and all_over.headers["Retry-After"] == "62"  # the whole queue
 
 
 def test_queued_gpu_time_over_the_bound_is_429_retry_after_the_time_until_it_fits() -> None:
