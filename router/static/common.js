@@ -3,6 +3,7 @@
 "use strict";
 
 const KEY_ITEM = "imagefleet.apiKey";
+const PROGRESS = "imagefleet.progress"; // imagefleet/sse.py's progress comments
 
 const imagefleet = {
   key() {
@@ -54,6 +55,8 @@ const imagefleet = {
 
   // Yields the events of a text/event-stream answer as {event, data}, data parsed as JSON
   // (https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream).
+  // imagefleet's progress comments (": imagefleet.progress {...}": the queue position, then the
+  // steps done) come out as {event: "imagefleet.progress", data}; other comments are skipped.
   async *events(response) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -67,6 +70,10 @@ const imagefleet = {
         let event = "message";
         const data = [];
         for (const line of block.split(/\r\n|\n|\r/)) {
+          if (line.startsWith(": " + PROGRESS + " ")) {
+            yield { event: PROGRESS, data: JSON.parse(line.slice(PROGRESS.length + 3)) };
+            continue;
+          }
           if (line.startsWith(":")) continue; // a comment (keep-alive)
           const colon = line.indexOf(":");
           const field = colon < 0 ? line : line.slice(0, colon);

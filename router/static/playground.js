@@ -171,7 +171,13 @@
       let partials = 0;
       for await (const { event, data } of imagefleet.events(response)) {
         const kind = data.type || event;
-        if (kind === "image_generation.partial_image") {
+        if (kind === "imagefleet.progress") {
+          if (data.queued_ahead !== undefined) {
+            status.textContent = "Queued: " + data.queued_ahead + " ahead…";
+          } else if (data.steps_done !== undefined && !partials) {
+            status.textContent = "Step " + data.steps_done + " of " + data.steps_total + "…";
+          }
+        } else if (kind === "image_generation.partial_image") {
           partials += 1;
           preview(data.b64_json, data.output_format, "Preview " + (data.partial_image_index + 1));
           status.textContent = "Preview " + (data.partial_image_index + 1) + " of " + PARTIAL_IMAGES + "…";

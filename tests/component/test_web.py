@@ -31,8 +31,9 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.wait import WebDriverWait
 
 from imagefleet.testing import browser, dashboards
-from imagefleet.testing.routers import RouterThread, router_settings
+from imagefleet.testing.routers import Held, RouterThread, router_settings
 from imagefleet.testing.servers import free_port, get_json, get_text, wait_until
+from tests.conftest import PodFactory
 
 REPO = Path(__file__).resolve().parents[2]
 PODS = 2
@@ -245,6 +246,7 @@ def test_the_event_stream_reader_follows_the_sse_rules(served: Served, chrome: C
     text = (
         f"event: image_generation.partial_image\r\ndata: {json.dumps(partial)}\r\n\r\n"
         ": keep-alive\n\n"
+        ': imagefleet.progress {"queued_ahead": 2}\n\n'
         f"event: image_generation.completed\ndata: {json.dumps(completed, ensure_ascii=False)}\n\n"
         'data: {"type": "error",\ndata: "error": {"message": "two data lines"}}\n\n'
         "data: [DONE]\n\n"
@@ -255,9 +257,34 @@ def test_the_event_stream_reader_follows_the_sse_rules(served: Served, chrome: C
     events = chrome.execute_async_script(PARSE_EVENTS, text, cuts)
     assert events == [
         {"event": "image_generation.partial_image", "data": partial},
+        {"event": "imagefleet.progress", "data": {"queued_ahead": 2}},
         {"event": "image_generation.completed", "data": completed},
         {"event": "message", "data": {"type": "error", "error": {"message": "two data lines"}}},
     ]
+
+
+def test_a_queued_generation_shows_its_place_in_the_queue(make_pod: PodFactory, chrome: Chrome) -> None:
+    """While the request waits, the status line says how many images start before it."""
+    pod = make_pod(max_batch_size=1)
+    pod.arm("stall", seconds=120)  # the first request holds the GPU
+    with RouterThread(router_settings([pod.url])) as router:
+        holder = Held(pod.url, num_inference_steps=2).start()
+        wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the first batch to start")
+        ahead = Held(pod.url, num_inference_steps=2).start()
+        wait_until(lambda: pod.load()["queued_samples"] == 1, 30, "one sample to queue")
+        try:
+            chrome.get(router.url + "/")
+            wait(chrome, lambda c: c.find_element(By.ID, "model").text, "the model's name")
+            chrome.find_element(By.ID, "prompt").send_keys("behind two", Keys.ENTER)
+            status = lambda c: c.find_element(By.ID, "status").text  # noqa: E731
+            wait(chrome, lambda c: status(c) == "Queued: 1 ahead…", "the queue position")
+            ahead.hang_up()
+            wait(chrome, lambda c: status(c) == "Queued: 0 ahead…", "the position falling")
+            holder.hang_up()
+            wait(chrome, lambda c: status(c).startswith("1 image"), "the image")
+        finally:
+            ahead.hang_up()
+            holder.hang_up()
 
 
 def test_a_bad_request_shows_the_servers_message(served: Served, chrome: Chrome) -> None:
