@@ -610,6 +610,74 @@ def print_table(records: Sequence[dict[str, Any]], rows_ratio: Sequence[dict[str
     return common.table(headers, rows)
 
 
+# --- pods -----------------------------------------------------------------------------------------
+
+
+class Pods:
+    """The pods of one run, one per policy, stopped when ``stack`` closes (or by :meth:`stop`)."""
+
+    def __init__(
+        self, args: argparse.Namespace, policies: dict[str, list[str]], stack: contextlib.ExitStack,
+        results: common.Results,
+    ) -> None:  # fmt: skip
+        self._args, self._policies, self._results = args, policies, results
+        self._stack = stack
+        self._started: dict[str, tuple[Any, float]] = {}
+
+    def start(self, name: str) -> None:
+        """Launch the pod of policy ``name`` (without waiting for it)."""
+        from imagefleet.testing.servers import PodProcess
+
+        flags = [
+            "--model",
+            self._args.model,
+            "--fault-injection",
+            *pod_args(self._args, self._policies[name]),
+        ]
+        process = PodProcess(flags, log_dir=common.log_dir()).start()
+        self._stack.callback(process.stop, timeout=10.0)
+        self._started[name] = (process, time.monotonic())
+
+    def ready(self, name: str) -> Any:
+        """The pod of ``name`` once ready (started now if it was not); RuntimeError or
+        TimeoutError, at once, if its process exits or it is not ready in time."""
+        if name not in self._started:
+            self.start(name)
+        process, began = self._started[name]
+        wait_ready(process, self._args.pod_timeout)
+        self._results.emit(
+            {
+                "event": "pod",
+                "model": self._args.model,
+                "policy": name,
+                "pod_args": pod_args(self._args, self._policies[name]),
+                "ready_s": round(time.monotonic() - began, 1),
+            }
+        )
+        return process
+
+    def stop(self, name: str) -> None:
+        self._started[name][0].stop(timeout=10.0)
+
+
+def wait_ready(process: Any, timeout: float) -> None:
+    """Wait for ``/readyz`` to answer 200; fail as soon as the process exits (a flag it does not
+    know) with the end of its log."""
+    from imagefleet.testing.servers import get_json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        code = process.proc.poll()
+        if code is not None:
+            raise RuntimeError(f"the pod exited with {code}; log:\n{process.log_tail(10)}")
+        with contextlib.suppress(OSError, ValueError):
+            if get_json(process.url + "/readyz", timeout=2)[0] == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pod was not ready within {timeout:.0f} s; log:\n{process.log_tail(10)}")
+        time.sleep(0.2)
+
+
 # --- the whole run --------------------------------------------------------------------------------
 
 
@@ -626,10 +694,11 @@ def pod_args(args: argparse.Namespace, policy_args: Sequence[str]) -> list[str]:
     return [*flags, *args.pod_arg, *policy_args]
 
 
-def estimate_s(args: argparse.Namespace, policies: int, pod_start_s: float) -> float:
-    """Rough wall time: pod starts, the closed loop, and every run with a drain of a few seconds."""
+def estimate_s(args: argparse.Namespace, policies: int, pod_start_s: float, starts: int) -> float:
+    """Rough wall time: ``starts`` pod starts one after another, the closed loop, and every run
+    with a drain of a few seconds."""
     runs = policies * len(args.loads)
-    return float(policies * pod_start_s + 30.0 + runs * (args.duration * 1.15 + 3.0))
+    return float(starts * pod_start_s + 30.0 + runs * (args.duration * 1.15 + 3.0))
 
 
 def policy_order(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[str]]:
@@ -667,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "argv": list(argv) if argv is not None else sys.argv[1:],
         }
     )
-    guess = estimate_s(args, len(order), args.pod_start_s)
+    guess = estimate_s(args, len(order), args.pod_start_s, 1 if args.start_together else len(order))
     results.emit({"event": "estimate", "wall_s": round(guess), "pod_start_s_assumed": args.pod_start_s})
     print(
         f"# about {guess / 60:.1f} min: {len(order)} pods (~{args.pod_start_s:.0f} s each to start), "
@@ -678,13 +747,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     records: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
+        pods = Pods(args, policies, stack, results)
+        cap_needed = args.capacity is None or args.capacity_policy in order
+        if args.start_together:
+            for name in dict.fromkeys([args.capacity_policy, *order] if cap_needed else order):
+                pods.start(name)
         cap_pod, first_start_s = None, args.pod_start_s
-        if args.capacity is None or args.capacity_policy in order:
+        if cap_needed:
             t = time.monotonic()
-            cap_args = pod_args(args, policies[args.capacity_policy])
-            cap_pod = stack.enter_context(common.pod(args.model, cap_args, args.pod_timeout))
+            cap_pod = pods.ready(args.capacity_policy)
             first_start_s = time.monotonic() - t
-            results.emit(_pod_event(args, args.capacity_policy, policies, first_start_s))
         if args.capacity is not None:
             capacity = args.capacity
             results.emit({"event": "capacity", "model": args.model, "images_per_s": capacity, "given": True})
@@ -698,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             capacity = record["images_per_s"]
             results.emit({**record, "model": args.model, "policy": args.capacity_policy})
         capacity_done = time.monotonic()
-        left = estimate_s(args, len(order), first_start_s) - (capacity_done - started)
+        starts = 0 if args.start_together else len(order) - 1
+        left = estimate_s(args, len(order), first_start_s, starts) - (capacity_done - started)
         print(
             f"# capacity {capacity:.4g} images/s; about {left / 60:.1f} min left", file=sys.stderr, flush=True
         )
@@ -714,10 +787,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     time.sleep(max(0.0, LOAD_WINDOW_S - (time.monotonic() - capacity_done)))
                     got = asyncio.run(run_loads(cap_pod.url, cfg, plan))
                 else:
-                    t = time.monotonic()
-                    with common.pod(args.model, pod_args(args, policies[name]), args.pod_timeout) as pod:
-                        results.emit(_pod_event(args, name, policies, time.monotonic() - t))
-                        got = asyncio.run(run_loads(pod.url, cfg, plan))
+                    pod = pods.ready(name)
+                    got = asyncio.run(run_loads(pod.url, cfg, plan))
+                    pods.stop(name)  # its GPU memory back before the next one starts
             except (RuntimeError, TimeoutError, aiohttp.ClientError) as exc:
                 # A pod that does not start (a flag it does not know) or stops answering: the
                 # other policies still run.
@@ -745,18 +817,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def seed_of(args: argparse.Namespace, load: float) -> str:
     return f"{args.seed}:{args.model}:{','.join(f'{s.text}:{s.weight:.6f}' for s in args.mix)}:{load:g}"
-
-
-def _pod_event(
-    args: argparse.Namespace, name: str, policies: dict[str, list[str]], ready_s: float
-) -> dict[str, Any]:
-    return {
-        "event": "pod",
-        "model": args.model,
-        "policy": name,
-        "pod_args": pod_args(args, policies[name]),
-        "ready_s": round(ready_s, 1),
-    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -815,6 +875,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile-cache-dir",
         default=str(DEFAULT_COMPILE_CACHE),
         help="compile cache every pod shares (empty: none); a compiled pod with a warm cache starts in seconds",
+    )
+    parser.add_argument(
+        "--start-together",
+        action="store_true",
+        help="start every policy's pod at once (saves the start-ups but one; their warm-ups share the GPU)",
     )
     parser.add_argument("--seed", default="0", help="seed of the arrival sequences")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT_S)
