@@ -39,15 +39,19 @@ a shell would)::
     fixed  --batch-policy fill --max-batch-size 4 --max-wait-ms 500
     none   --max-batch-size 1
 
-GPU run (about 10 minutes; docs/benchmarks.md has the full-length one)::
+GPU run, one model per invocation (about 5 minutes each; docs/benchmarks.md says what a p99
+worth reading costs)::
 
-    python -m bench.mixed_load --pod-arg=--compile=off --duration 30
-    python -m bench.mixed_load --pod-arg=--compile=off --duration 30 --model synthetic:sd1.5 --mix 512x512:1
+    python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 20
+    python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 20 \
+        --model synthetic:sd1.5 --mix 512x512:1
 
-CPU smoke run (about a minute and a half each)::
+CPU smoke run (about 2 minutes each)::
 
-    python -m bench.mixed_load --model tiny --mix 64x64:0.5,128x128:0.5 --steps 4 --duration 5
-    python -m bench.mixed_load --model synthetic:sd3-tiny --mix 64x64:0.5,128x128:0.5 --steps 4 --duration 5
+    python -m bench.mixed_load --model tiny --mix 64x64:0.5,128x128:0.5 --steps 2 --duration 5 \
+        --min-requests 6 --loads 0.5,0.9 --capacity-batches 2 --start-together
+    python -m bench.mixed_load --model synthetic:sd3-tiny --mix 64x64:0.5,128x128:0.5 --steps 2 \
+        --duration 5 --min-requests 6 --loads 0.5,0.9 --capacity-batches 2 --start-together
 
 Output: JSON lines (also ``$OUT/mixed_load.jsonl`` when ``OUT`` is set), then a table.
 """
@@ -435,6 +439,8 @@ async def measure_capacity(
 class RunResult:
     load: float
     rate: float
+    duration: float
+    """Seconds of arrivals."""
     outcomes: list[Outcome]
     batches: list[Batch]
     t0: float
@@ -445,9 +451,8 @@ class RunResult:
 
 
 async def poisson_run(
-    session: aiohttp.ClientSession, url: str, cfg: Config, watch: BatchWatch, load: float, rate: float,
-    schedule: Sequence[Arrival],
-) -> RunResult:  # fmt: skip
+    session: aiohttp.ClientSession, url: str, cfg: Config, watch: BatchWatch, run: Planned
+) -> RunResult:
     """Offer ``schedule`` to the pod, wait for every answer and for the pod to be idle."""
     metrics_before = await get_text(session, url + "/metrics")
     outcomes: list[Outcome] = []
@@ -459,7 +464,7 @@ async def poisson_run(
         outcomes.append(Outcome(arrival.shape.text, sent, time.monotonic() - t0 - sent, kind))
 
     tasks = []
-    for arrival in schedule:
+    for arrival in run.arrivals:
         await asyncio.sleep(max(0.0, arrival.at - (time.monotonic() - t0)))
         tasks.append(asyncio.create_task(one(arrival)))
     await asyncio.gather(*tasks)
@@ -468,8 +473,9 @@ async def poisson_run(
     await watch.poll(session)
     metrics_after = await get_text(session, url + "/metrics")
     return RunResult(
-        load=load,
-        rate=rate,
+        load=run.load,
+        rate=run.rate,
+        duration=run.duration,
         outcomes=sorted(outcomes, key=lambda o: o.sent),
         batches=watch.between(t0, math.inf),
         t0=t0,
@@ -478,17 +484,36 @@ async def poisson_run(
     )
 
 
-async def run_loads(
-    url: str, cfg: Config, plan: Sequence[tuple[float, float, list[Arrival]]]
-) -> list[RunResult]:
-    """Every (load, rate, schedule) of ``plan`` in turn on one pod."""
+@dataclass(frozen=True)
+class Planned:
+    """One load's arrivals, the same for every policy."""
+
+    load: float
+    rate: float
+    duration: float
+    arrivals: list[Arrival]
+
+
+def plan_runs(args: argparse.Namespace, capacity: float) -> list[Planned]:
+    """The arrivals of every load: ``--duration`` seconds, or longer where ``--min-requests``
+    would not otherwise be offered."""
+    out = []
+    for load in args.loads:
+        rate = load * capacity
+        duration = max(args.duration, args.min_requests / rate)
+        out.append(Planned(load, rate, duration, arrivals(args.mix, rate, duration, seed_of(args, load))))
+    return out
+
+
+async def run_loads(url: str, cfg: Config, plan: Sequence[Planned]) -> list[RunResult]:
+    """Every load of ``plan`` in turn on one pod."""
     watch = BatchWatch(url)
     results = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await watch.poll(session)  # batches run before (the closed loop's) are not this run's
         with watching(watch, session):
-            for load, rate, schedule in plan:
-                results.append(await poisson_run(session, url, cfg, watch, load, rate, schedule))
+            for planned in plan:
+                results.append(await poisson_run(session, url, cfg, watch, planned))
     return results
 
 
@@ -509,8 +534,9 @@ def start_times(run: RunResult, shape: str) -> tuple[list[float] | None, int]:
     return [max(0.0, w) for w in waits], violations
 
 
-def shape_record(run: RunResult, shape: str | None, duration: float) -> dict[str, Any]:
+def shape_record(run: RunResult, shape: str | None) -> dict[str, Any]:
     """One (run, shape) line; ``shape`` None: every shape together."""
+    duration = run.duration
     mine = [o for o in run.outcomes if shape is None or o.shape == shape]
     kinds = Counter(o.kind for o in mine)
     failures = {k: v for k, v in kinds.items() if k not in ("image", "429", "503")}
@@ -545,15 +571,14 @@ def shape_record(run: RunResult, shape: str | None, duration: float) -> dict[str
     }
 
 
-def run_records(
-    model: str, policy: str, run: RunResult, shapes: Sequence[Shape], duration: float
-) -> list[dict[str, Any]]:
+def run_records(model: str, policy: str, run: RunResult, shapes: Sequence[Shape]) -> list[dict[str, Any]]:
     head = {"event": "result", "model": model, "policy": policy, "load": run.load}
-    records = [{**head, **shape_record(run, s.text, duration)} for s in shapes]
-    total = {**head, **shape_record(run, None, duration)}
+    records = [{**head, **shape_record(run, s.text)} for s in shapes]
+    total = {**head, **shape_record(run, None)}
     gpu = sum(b.seconds for b in run.batches)
     total.update(
         rate_per_s=round(run.rate, 4),
+        duration_s=round(run.duration, 3),
         makespan_s=round(run.end, 3),
         gpu_busy=round(gpu / run.end, 4) if run.end > 0 else None,
         pod_queue_wait=run.queue_wait,
@@ -706,12 +731,12 @@ def pod_args(args: argparse.Namespace, policy_args: Sequence[str]) -> list[str]:
 
 
 def estimate_s(
-    args: argparse.Namespace, policies: int, pod_start_s: float, starts: int, closed_loop: bool
+    policies: int, durations: Sequence[float], pod_start_s: float, starts: int, closed_loop: bool
 ) -> float:
     """Rough wall time: ``starts`` pod start-ups one after another, the closed loop (about 30 s),
-    and every run's arrivals with a drain of a few seconds."""
-    runs = policies * len(args.loads)
-    return float(starts * pod_start_s + (30.0 if closed_loop else 0.0) + runs * (args.duration * 1.15 + 3.0))
+    and on every policy's pod each load's arrivals (``durations``) and a drain of a few seconds."""
+    runs = sum(d * 1.15 + 3.0 for d in durations) * policies
+    return float(starts * pod_start_s + (30.0 if closed_loop else 0.0) + runs)
 
 
 def policy_order(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[str]]:
@@ -750,7 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     starts = min(2, len(order)) if args.start_together else len(order)
-    guess = estimate_s(args, len(order), args.pod_start_s, starts, closed_loop=args.capacity is None)
+    durations = [args.duration] * len(args.loads)
+    guess = estimate_s(len(order), durations, args.pod_start_s, starts, closed_loop=args.capacity is None)
     results.emit({"event": "estimate", "wall_s": round(guess), "pod_start_s_assumed": args.pod_start_s})
     print(
         f"# about {guess / 60:.1f} min: {len(order)} pods (~{args.pod_start_s:.0f} s each to start), "
@@ -789,14 +815,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.emit({**record, "model": args.model, "policy": args.capacity_policy})
         capacity_done = time.monotonic()
         starts = 0 if args.start_together else len(order) - 1  # those still to come
-        left = estimate_s(args, len(order), first_start_s, starts, closed_loop=False)
+        plan = plan_runs(args, capacity)
+        left = estimate_s(len(order), [p.duration for p in plan], first_start_s, starts, closed_loop=False)
+        results.emit(
+            {"event": "estimate", "left_s": round(left), "durations_s": [round(p.duration, 1) for p in plan]}
+        )
         print(
             f"# capacity {capacity:.4g} images/s; about {left / 60:.1f} min left", file=sys.stderr, flush=True
         )
-        plan = [
-            (load, load * capacity, arrivals(args.mix, load * capacity, args.duration, seed_of(args, load)))
-            for load in args.loads
-        ]
         for name in order:
             try:
                 if name == args.capacity_policy:
@@ -815,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.emit({"event": "policy_failed", "model": args.model, "policy": name, "error": error})
                 continue
             for run in got:
-                for record in run_records(args.model, name, run, args.mix, args.duration):
+                for record in run_records(args.model, name, run, args.mix):
                     results.emit(record)
                     records.append(record)
     ratio_rows = ratios(records, args.baseline)
@@ -826,7 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"\n{args.model}, mix {', '.join(f'{s.text} {s.weight:.2f}' for s in args.mix)}, {args.steps} steps; "
-        f"capacity {capacity:.4g} images/s ({args.capacity_policy}); {args.duration:g} s of arrivals per run; "
+        f"capacity {capacity:.4g} images/s ({args.capacity_policy}); arrivals for "
+        f"{', '.join(f'{p.duration:.0f}' for p in plan)} s at loads {', '.join(f'{p.load:g}' for p in plan)}; "
         f"latency and time to start in s; ratios against {args.baseline!r}"
     )
     print(print_table(records, ratio_rows))
@@ -860,6 +887,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fractions of capacity (0.5,0.7,0.9)",
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per (policy, load)")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        help="offer at least this many requests per run: a load's arrivals last longer where needed",
+    )
     parser.add_argument(
         "--policies", default=",".join(DEFAULT_POLICIES), help="policies run, in order (auto,fixed,none)"
     )
