@@ -39,11 +39,11 @@ a shell would)::
     fixed  --batch-policy fill --max-batch-size 4 --max-wait-ms 500
     none   --max-batch-size 1
 
-GPU run, one model per invocation (about 5 minutes each; docs/benchmarks.md says what a p99
-worth reading costs)::
+GPU run, one model per invocation (about 6 and 4 minutes by estimate; docs/benchmarks.md says
+what a p99 worth reading costs)::
 
     python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 20
-    python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 20 \
+    python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 15 \
         --model synthetic:sd1.5 --mix 512x512:1
 
 CPU smoke run (about 2 minutes each)::
@@ -161,14 +161,16 @@ class Arrival:
     index: int
 
 
-def arrivals(shapes: Sequence[Shape], rate: float, duration: float, seed: str) -> list[Arrival]:
-    """Poisson arrivals at ``rate`` per second for ``duration`` seconds, sizes drawn from the mix;
-    the same ``seed`` gives the same sequence."""
+def arrivals(
+    shapes: Sequence[Shape], rate: float, duration: float, seed: str, minimum: int = 0
+) -> list[Arrival]:
+    """Poisson arrivals at ``rate`` per second for ``duration`` seconds (and on until there are
+    ``minimum``), sizes drawn from the mix; the same ``seed`` gives the same sequence."""
     rng = random.Random(seed)
     weights = [s.weight for s in shapes]
     out: list[Arrival] = []
     at = rng.expovariate(rate)
-    while at < duration:
+    while at < duration or len(out) < minimum:
         out.append(Arrival(at, rng.choices(shapes, weights)[0], len(out)))
         at += rng.expovariate(rate)
     return out
@@ -495,13 +497,14 @@ class Planned:
 
 
 def plan_runs(args: argparse.Namespace, capacity: float) -> list[Planned]:
-    """The arrivals of every load: ``--duration`` seconds, or longer where ``--min-requests``
-    would not otherwise be offered."""
+    """The arrivals of every load: ``--duration`` seconds, or longer where fewer than
+    ``--min-requests`` would arrive in it."""
     out = []
     for load in args.loads:
         rate = load * capacity
-        duration = max(args.duration, args.min_requests / rate)
-        out.append(Planned(load, rate, duration, arrivals(args.mix, rate, duration, seed_of(args, load))))
+        got = arrivals(args.mix, rate, args.duration, seed_of(args, load), args.min_requests)
+        duration = max(args.duration, got[-1].at if got else 0.0)
+        out.append(Planned(load, rate, duration, got))
     return out
 
 
@@ -891,7 +894,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--min-requests",
         type=int,
         default=0,
-        help="offer at least this many requests per run: a load's arrivals last longer where needed",
+        help="offer at least this many requests per run: a load's arrivals go on past --duration until then",
     )
     parser.add_argument(
         "--policies", default=",".join(DEFAULT_POLICIES), help="policies run, in order (auto,fixed,none)"
