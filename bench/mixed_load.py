@@ -14,9 +14,9 @@ shares of the requests), the benchmark
    mix's shares);
 2. for every policy (a named set of pod flags; ``auto``, ``fixed``, ``none`` by default) starts
    one pod and offers it, for each load ``L`` of ``--loads`` (ascending), Poisson arrivals at
-   ``L x capacity`` for ``--duration`` seconds, each request's size drawn from the mix. The
-   arrival sequence (times, sizes, prompts, seeds) is seeded by model, mix and load, so every
-   policy gets the same one. Between loads the pod drains (every response back, queue empty).
+   ``L x capacity`` for ``--duration`` seconds (and on until ``--min-requests`` have been sent),
+   each request's size drawn from the mix. The arrival sequence (times, sizes, prompts, seeds) is
+   seeded by model, mix and load, so every policy gets the same one. Between loads the pod drains (every response back, queue empty).
    The capacity pod runs its loads last, so that the closed loop's saturation has left the
    pod's 30 s load windows before its first Poisson run;
 3. per (policy, load, size) and over all sizes reports latency (send to the last byte of the
@@ -455,7 +455,7 @@ class RunResult:
 async def poisson_run(
     session: aiohttp.ClientSession, url: str, cfg: Config, watch: BatchWatch, run: Planned
 ) -> RunResult:
-    """Offer ``schedule`` to the pod, wait for every answer and for the pod to be idle."""
+    """Offer the planned arrivals to the pod, wait for every answer and for the pod to be idle."""
     metrics_before = await get_text(session, url + "/metrics")
     outcomes: list[Outcome] = []
     t0 = time.monotonic()
