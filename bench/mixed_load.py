@@ -46,7 +46,7 @@ what a p99 worth reading costs)::
     python -m bench.mixed_load --pod-arg=--compile=off --start-together --duration 15 \
         --model synthetic:sd1.5 --mix 512x512:1
 
-CPU smoke run (about 2 minutes each)::
+CPU smoke run (2 to 6 minutes each on 2 shared cores)::
 
     python -m bench.mixed_load --model tiny --mix 64x64:0.5,128x128:0.5 --steps 2 --duration 5 \
         --min-requests 6 --loads 0.5,0.9 --capacity-batches 2 --start-together
