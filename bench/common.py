@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -157,6 +158,18 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "min": round(min(values), 3),
         "max": round(max(values), 3),
     }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float] | None:
+    """Nearest-rank p50 / p90 / p99 and the max of a series (None when empty), rounded."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ordered[-1], 3)}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -6,7 +6,7 @@
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
-#   bash tools/device/run_pod_bench.sh smoke|full|throughput|seed|cpu-smoke [extra bench flags]
+#   bash tools/device/run_pod_bench.sh smoke|full|throughput|seed|mixed|scaling|cpu-smoke [extra bench flags]
 #
 # The benchmarks run from a scratch directory, never from the checkout: the checkout's imagefleet/
 # folder (the core package alone) would shadow the installed distribution, whose
@@ -69,6 +69,10 @@ case "$mode" in
         "$py" -m bench.pod_throughput "$@" 2>&1 | tee "$out/pod_throughput.log" | grep -v "should be kept in float32"
         "$py" -m bench.seed_test 2>&1 | tee "$out/seed_test.log" | grep -v "should be kept in float32"
         ;;
+    mixed)
+        # Mixed sizes under Poisson load, per batching policy: one model per call (docs/benchmarks.md).
+        "$py" -m bench.mixed_load "$@" 2>&1 | tee -a "$out/mixed_load.log" | grep -v "should be kept in float32"
+        ;;
     scaling)
         # Several GPUs: one pod per GPU behind the router, N = 1, 2, 4 (8), then the seed's burst.
         "$py" -m bench.scaling "$@" 2>&1 | tee "$out/scaling.log" | grep -v "should be kept in float32"
@@ -79,7 +83,7 @@ case "$mode" in
         "$py" -m bench.seed_test --model tiny --size 64x64 --steps 4 "$@"
         ;;
     *)
-        echo "unknown mode $mode (smoke, full, throughput, seed, scaling, cpu-smoke)" >&2
+        echo "unknown mode $mode (smoke, full, throughput, seed, mixed, scaling, cpu-smoke)" >&2
         exit 2
         ;;
 esac
