@@ -34,6 +34,10 @@ SATURATION = 0.9
 MIN_WAIT_GAIN = 0.10
 # Batches are capped where the next larger sizes buy less than this much time per image.
 CAP_GAIN = 0.03
+# A key whose curve caps its batches below the allowed size runs one batch a size larger every this
+# many of its batches while more samples wait than the cap takes, so that a curve measured badly
+# once (a shared or still warming GPU) is measured again rather than believed for ever.
+PROBE_EVERY = 16
 # While waiting, a batch is closed once no sample arrived for this long (at most), or for this
 # fraction of the batch's own time, whichever is shorter.
 MAX_ARRIVAL_GAP_S = 0.05

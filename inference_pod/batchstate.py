@@ -69,6 +69,7 @@ class BatchState:
         self.jobs: dict[str, Job] = {}
         self.running: list[Sample] | None = None
         self._last_arrival = 0.0
+        self._since_probe: dict[CompatKey, int] = {}
 
     # --- arrival and removal ---
 
@@ -108,9 +109,10 @@ class BatchState:
         if key is None:
             return None
         oldest = self.queue.head(key, 1)[0]
+        queued = self.queue.group_count(key)
         decision = batching.plan(
-            queued=self.queue.group_count(key),
-            max_batch=self.batch_cap(key),
+            queued=queued,
+            max_batch=self._probing_cap(key, queued),
             oldest_age_s=now - oldest.enqueued_at,
             since_last_arrival_s=now - self._last_arrival,
             max_wait_s=self.max_wait_s,
@@ -125,6 +127,20 @@ class BatchState:
         batch = self.queue.take(key, decision.size, self.costs.estimate(key, decision.size))
         self.running = batch
         return Take(batch)
+
+    def _probing_cap(self, key: CompatKey, queued: int) -> int:
+        """:meth:`batch_cap`, one larger every :data:`~.batching.PROBE_EVERY` batches of a key the
+        curve holds below the allowed size while more of it waits: the next size is timed again."""
+        cap = self.batch_cap(key)
+        if cap >= self.costs.max_batch(key, self.max_batch_size):
+            self._since_probe.pop(key, None)
+            return cap
+        count = self._since_probe.get(key, 0) + 1
+        if count >= batching.PROBE_EVERY and queued > cap:
+            self._since_probe[key] = 0
+            return cap + 1
+        self._since_probe[key] = count
+        return cap
 
     def batch_cap(self, key: CompatKey) -> int:
         """The largest batch of ``key`` to form: ``max_batch_size``, lowered after out-of-memory

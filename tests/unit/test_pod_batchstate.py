@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imagefleet.inference_pod.batching import CompatKey, Sample
+from imagefleet.inference_pod.batching import PROBE_EVERY, CompatKey, Sample
 from imagefleet.inference_pod.batchstate import BatchState, Dropped, Job, Take, Wait
 from imagefleet.inference_pod.costs import CostModel
 
@@ -104,6 +104,39 @@ def test_an_unmeasured_curve_does_not_cap_so_it_can_be_learned() -> None:
     assert s.batch_cap(A) == 8
     costs.observe(A, 8, 8.0)  # linear: batching buys nothing
     assert s.batch_cap(A) == 1 and s.batch_cap(B) == 1  # B borrows the shape learned on A
+
+
+def test_a_curve_that_caps_the_batch_is_measured_again_one_size_larger() -> None:
+    """A curve timed badly once (here: batches of 2 looked slow) must not cap the key for ever."""
+    costs = CostModel()
+    costs.observe(A, 1, 1.0)
+    costs.observe(A, 2, 2.2)  # worse per image than alone: the cap is 1
+    s = state(max_batch=4, costs=costs, fill=False)
+    s.add(job(A, 64), now=0.0)
+    sizes = []
+    for _ in range(PROBE_EVERY):
+        decision = s.next(now=0.0, busy_fraction=1.0)
+        assert isinstance(decision, Take)
+        sizes.append(len(decision.samples))
+        s.finish()
+    assert sizes == [1] * (PROBE_EVERY - 1) + [2]  # one probe of the next size
+    for _ in range(4):  # the GPU really batches: 2 for 1.1 s
+        costs.observe(A, 2, 1.1)
+    assert s.batch_cap(A) >= 2
+    decision = s.next(now=0.0, busy_fraction=1.0)
+    assert isinstance(decision, Take) and len(decision.samples) >= 2
+
+
+def test_no_probe_when_nothing_more_waits_than_the_cap_takes() -> None:
+    costs = CostModel()
+    costs.observe(A, 1, 1.0)
+    costs.observe(A, 2, 2.2)
+    s = state(max_batch=4, costs=costs, fill=False)
+    for _ in range(2 * PROBE_EVERY):
+        s.add(job(A, 1), now=0.0)
+        decision = s.next(now=0.0, busy_fraction=1.0)
+        assert isinstance(decision, Take) and len(decision.samples) == 1
+        s.finish()
 
 
 def test_a_flood_of_large_requests_does_not_starve_a_trickle_of_small_ones() -> None:
