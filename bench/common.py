@@ -1,4 +1,5 @@
-"""Helpers shared by the GPU benchmarks: flags, result records, pod processes, HTTP and metrics.
+"""Helpers shared by the benchmarks: flags, result records, pod, local-mode and router processes,
+process memory, HTTP and metrics.
 
 Every benchmark prints one JSON object per line (and appends it to ``$OUT/<name>.jsonl`` when the
 ``OUT`` environment variable names a folder), so a run on a remote accelerator can be read back
@@ -18,13 +19,18 @@ import os
 import platform
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from imagefleet.testing.servers import free_port, get_json, wait_until
 
 DEFAULT_MODEL = "synthetic:sd3.5-medium"
 DEFAULT_SIZE = "1024x1024"
@@ -115,6 +121,12 @@ class Results:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(line + "\n")
+
+    def report(self, text: str) -> None:
+        """The human-readable summary: printed, and written to ``$OUT/<name>.txt`` when set."""
+        print(text)
+        if self.path is not None:
+            self.path.with_suffix(".txt").write_text(text + "\n")
 
 
 def environment(model: str) -> dict[str, Any]:
@@ -215,6 +227,134 @@ def pod(model: str, args: Sequence[str], timeout_s: float) -> Iterator[Any]:
         yield process
     finally:
         process.stop(timeout=10.0)
+
+
+# --- local mode and routers ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The generation every request of a load benchmark asks for (``guidance`` None: the model's)."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+
+    def body(self, i: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "size": f"{self.width}x{self.height}",
+            "num_inference_steps": self.steps,
+            "seed": i,
+        }
+        if self.guidance is not None:
+            body["guidance_scale"] = self.guidance
+        return body
+
+
+def run_log_dir(name: str) -> Path:
+    """Where a benchmark's process logs go: ``$OUT/<name>-logs`` when ``OUT`` is set, else a temp dir."""
+    out = os.environ.get("OUT")
+    path = Path(out) / f"{name}-logs" if out else Path(tempfile.mkdtemp(prefix=f"imagefleet-{name}-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port_run(count: int) -> int:
+    """A first port such that ``count`` consecutive ports are free."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no run of {count} free ports")
+
+
+def imagefleet_command(*args: str) -> list[str]:
+    """``python -m imagefleet ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "imagefleet", *args]
+
+
+def serve_command(
+    model: str,
+    port: int,
+    pod_port: int,
+    max_batch_size: int,
+    *,
+    gpus: Sequence[str] = (),
+    cpu_pods: int = 0,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Local mode serving ``model``: a pod per GPU of ``gpus``, or ``cpu_pods`` CPU pods without any."""
+    cmd = imagefleet_command(
+        "serve", "--model", model, "--port", str(port), "--pod-base-port", str(pod_port),
+        "--max-batch-size", str(max_batch_size),
+    )  # fmt: skip
+    cmd += ["--gpus", ",".join(gpus)] if gpus else ["--gpus", "none", "--cpu-pods", str(cpu_pods)]
+    return cmd + list(extra)
+
+
+def router_command(port: int, backends: Sequence[str]) -> list[str]:
+    """An ``imagefleet router`` in front of ``backends`` (pod URLs), default settings otherwise."""
+    return imagefleet_command("router", "--port", str(port), "--backends", ",".join(backends))
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess with its output in ``log``; SIGTERM (then SIGKILL) on the way out."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def ready_backends(url: str) -> int:
+    """Ready pods behind a router (local mode's or ``imagefleet router``), per its ``/readyz``."""
+    status, body = get_json(url + "/readyz", timeout=5)
+    return int(body.get("ready_backends", 0)) if status == 200 and isinstance(body, dict) else 0
+
+
+def wait_fleet(url: str, count: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``count`` pods are ready behind the router at ``url``; raises with the log's tail if
+    ``proc`` (what serves it) exits first."""
+
+    def check() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        return ready_backends(url) >= count
+
+    wait_until(check, timeout, f"{count} ready pod(s) behind {url}", interval=1.0)
+
+
+def proc_status_mib(pid: int, field: str) -> float | None:
+    """A memory figure of ``/proc/<pid>/status`` in MiB: ``VmRSS`` (resident now) or ``VmHWM``
+    (the peak resident size over the process's life, which no sampler can miss); None if unread."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 
 # --- HTTP payloads and metrics -------------------------------------------------------------------

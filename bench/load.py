@@ -56,7 +56,7 @@ import aiohttp
 import psutil
 
 from bench import common
-from bench.scaling import Workload, free_port_run, process, wait_fleet
+from bench.common import Workload, free_port_run, process, wait_fleet
 from imagefleet.testing.servers import free_port
 
 SERVE_READY_TIMEOUT_S = 600.0
@@ -145,22 +145,12 @@ class Memory:
             sampled = [s[label] for _, s in self.samples if label in s]
             out[label] = {
                 "pid": pid,
-                "vm_hwm_mb": _hwm_mb(pid),
+                "vm_hwm_mb": common.proc_status_mib(pid, "VmHWM"),
                 "sampled_max_mb": round(max(sampled) / 2**20, 1) if sampled else None,
                 "first_sample_mb": round(sampled[0] / 2**20, 1) if sampled else None,
                 "last_sample_mb": round(sampled[-1] / 2**20, 1) if sampled else None,
             }
         return out
-
-
-def _hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
 
 
 def local_processes(serve_pid: int) -> dict[str, int]:
@@ -192,15 +182,10 @@ def cluster_processes(kubelet_pid: int) -> dict[str, int]:
 @contextlib.contextmanager
 def local_fleet(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
     port, pod_port = free_port(), free_port_run(args.pods)
-    out = os.environ.get("OUT")
-    logs = Path(out) / "load-logs" if out else Path(tempfile.mkdtemp(prefix="imagefleet-load-"))
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / "serve.log"
-    cmd = [
-        sys.executable, "-m", "imagefleet", "serve", "--model", args.model, "--gpus", "none",
-        "--cpu-pods", str(args.pods), "--port", str(port), "--pod-base-port", str(pod_port),
-        "--max-batch-size", str(args.max_batch_size), *args.pod_arg,
-    ]  # fmt: skip
+    log = common.run_log_dir("load") / "serve.log"
+    cmd = common.serve_command(
+        args.model, port, pod_port, args.max_batch_size, cpu_pods=args.pods, extra=args.pod_arg
+    )
     with process(cmd, log) as serve:
         url = f"http://127.0.0.1:{port}"
         wait_fleet(url, args.pods, args.timeout, serve, log)
@@ -611,10 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         f"failures: {sum(failures.values())} {failures or ''}",
     ]
-    print("\n".join(text))
-    out = os.environ.get("OUT")
-    if out:
-        (Path(out) / "load.txt").write_text("\n".join(text) + "\n")
+    results.report("\n".join(text))
     return 0
 
 

@@ -28,24 +28,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from bench import common
+from bench.common import Workload, free_port_run, process, wait_fleet
 from imagefleet.localmode import select_gpus
-from imagefleet.testing.servers import free_port, get_json, wait_until
+from imagefleet.testing.servers import free_port
 
 SERVE_READY_TIMEOUT_S = 900.0
 REQUEST_TIMEOUT_S = 1800.0
@@ -53,105 +48,15 @@ PHASE_TIMEOUT_S = 600.0
 TINY_DEFAULTS = ((64, 64), 4)
 
 
-@dataclass(frozen=True)
-class Workload:
-    model: str
-    width: int
-    height: int
-    steps: int
-    guidance: float | None
-
-    def body(self, i: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "prompt": common.PROMPTS[i % len(common.PROMPTS)],
-            "size": f"{self.width}x{self.height}",
-            "num_inference_steps": self.steps,
-            "seed": i,
-        }
-        if self.guidance is not None:
-            body["guidance_scale"] = self.guidance
-        return body
-
-
 # --- processes ------------------------------------------------------------------------------------
-
-
-def log_dir() -> Path:
-    out = os.environ.get("OUT")
-    path = Path(out) / "scaling-logs" if out else Path(tempfile.mkdtemp(prefix="imagefleet-scaling-"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def free_port_run(count: int) -> int:
-    """A first port such that ``count`` consecutive ports are free."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no run of {count} free ports")
-
-
-@contextlib.contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A subprocess with its output in ``log``; SIGTERM (then SIGKILL) on the way out."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def ready_backends(url: str) -> int:
-    status, body = get_json(url + "/readyz", timeout=5)
-    return int(body.get("ready_backends", 0)) if status == 200 and isinstance(body, dict) else 0
-
-
-def wait_fleet(url: str, count: int, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    def check() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
-        return ready_backends(url) >= count
-
-    wait_until(check, timeout, f"{count} ready pod(s) behind {url}", interval=1.0)
 
 
 def serve_command(
     args: argparse.Namespace, gpus: Sequence[str], port: int, pod_port: int, pods: int
 ) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "imagefleet",
-        "serve",
-        "--model",
-        args.model,
-        "--port",
-        str(port),
-        "--pod-base-port",
-        str(pod_port),
-        "--max-batch-size",
-        str(args.max_batch_size),
-    ]
-    cmd += ["--gpus", ",".join(gpus)] if gpus else ["--gpus", "none", "--cpu-pods", str(pods)]
-    return cmd + list(args.pod_arg)
+    return common.serve_command(
+        args.model, port, pod_port, args.max_batch_size, gpus=gpus, cpu_pods=pods, extra=args.pod_arg
+    )
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -350,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     available = len(gpus) if gpus else args.pods
     ns = phase_ns(args.ns, available)
     used = gpus[: max(ns)]
-    logs = log_dir()
+    logs = common.run_log_dir("scaling")
     results = common.Results("scaling")
     results.emit(
         {
@@ -381,17 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     rport = free_port()
                     rlog = logs / f"router-{n}.log"
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        "imagefleet",
-                        "router",
-                        "--port",
-                        str(rport),
-                        "--backends",
-                        ",".join(pod_urls[:n]),
-                    ]
-                    with process(cmd, rlog) as router:
+                    with process(common.router_command(rport, pod_urls[:n]), rlog) as router:
                         rurl = f"http://127.0.0.1:{rport}"
                         wait_fleet(rurl, n, 120, router, rlog)
                         phases.append(run_phase(rurl, work, n, args))
@@ -446,10 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"wall {last_burst['wall_s']} s; latency min {lat['min']} / p50 {lat['p50']} / "
             f"mean {lat['mean']} / max {lat['max']} s"
         )
-    print("\n".join(text))
-    out = os.environ.get("OUT")
-    if out:
-        (Path(out) / "scaling.txt").write_text("\n".join(text) + "\n")
+    results.report("\n".join(text))
     return 0
 
 

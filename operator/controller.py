@@ -333,15 +333,16 @@ class Worker:
         policy = g.autoscaling
         if policy is None:
             return
-        live = [m for m in self.memory.metrics.values() if m is not None]
-        queued = sum(m.queued_seconds for m in live)
-        want = self.memory.stabilizer.desired(g.replicas, queued, policy, self.c.clock())
+        demand = autoscale.Demand.of(self.memory.metrics.values())
+        want = self.memory.stabilizer.desired(g.replicas, demand, policy, self.c.clock())
         if want == g.replicas:
             return
         await self.c.kube.scale(g.namespace, g.name, want)
         self.memory.last_scale_time = status.timestamp(self.c.clock())
+        n = demand.unanswered
+        unanswered = f", {n} pod{'s' if n > 1 else ''} did not answer" if n else ""
         message = (
-            f"scaled from {g.replicas} to {want}: {queued:.1f} s of queued work, "
+            f"scaled from {g.replicas} to {want}: {demand.seconds:.1f} s of queued work{unanswered}, "
             f"target {policy.target_queued_seconds:g} s per replica"
         )
         log.info("%s/%s %s", g.namespace, g.name, message)
@@ -366,14 +367,7 @@ class Worker:
             images_per_minute=self.memory.images_per_minute,
             problems=verdict.problems,
             replacing=self.memory.replacing or verdict.waiting,
-            desired_replicas=(
-                autoscale.recommend(
-                    sum(m.queued_seconds for m in self.memory.metrics.values() if m is not None),
-                    g.autoscaling,
-                )
-                if g.autoscaling
-                else None
-            ),
+            desired_replicas=self.memory.stabilizer.last if g.autoscaling else None,
             last_scale_time=self.memory.last_scale_time,
         )
         await self._patch_status(body, status.build(obs, self._current_status(body), now))
