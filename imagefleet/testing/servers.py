@@ -53,12 +53,22 @@ def get_text(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
         return str(resp.read().decode())
 
 
+class GiveUp(RuntimeError):
+    """Raised by a :func:`wait_until` check when its condition can no longer come true (the
+    process it waits for exited): the wait ends at once with this error."""
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Call ``check`` until it returns true; its other errors count as "not yet"."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if check():
                 return
+        except GiveUp:
+            raise
+        except Exception:  # not up yet: refused connections, timeouts, half-written files
+            pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -167,7 +177,7 @@ class PodProcess:
     def wait_ready(self, timeout: float = 180.0) -> PodProcess:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"pod exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+                raise GiveUp(f"pod exited with {self.proc.returncode}; log:\n{self.log_tail()}")
             return get_json(self.url + "/readyz", timeout=2)[0] == 200
 
         try:
