@@ -36,7 +36,7 @@ Default policies (``--policy NAME=ARGS`` adds one or replaces one; ARGS are pod 
 a shell would)::
 
     auto   (none: the pod's defaults: per-shape fair queues, batch cap from the cost curve)
-    fixed  --batch-policy fill --max-batch-size 4 --max-wait-ms 500
+    fixed  --batch-policy fixed --max-batch-size 4 --max-wait-ms 500
     none   --max-batch-size 1
 
 GPU run, one model per invocation (about 6 and 4 minutes by estimate; docs/benchmarks.md says
@@ -83,7 +83,7 @@ DEFAULT_MIX = "1024x1024:0.5,512x512:0.5"
 DEFAULT_LOADS = "0.5,0.7,0.9"
 DEFAULT_POLICIES: dict[str, list[str]] = {
     "auto": [],
-    "fixed": ["--batch-policy", "fill", "--max-batch-size", "4", "--max-wait-ms", "500"],
+    "fixed": ["--batch-policy", "fixed", "--max-batch-size", "4", "--max-wait-ms", "500"],
     "none": ["--max-batch-size", "1"],
 }
 CAPACITY_POLICY = "auto"

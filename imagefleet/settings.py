@@ -138,8 +138,9 @@ class PodSettings(HttpServerSettings):
     )
     batch_policy: str = setting(
         "auto",
-        "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
-        choices=("auto", "fill"),
+        "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed; "
+        "fixed: also wait up to max_wait_ms for a full batch (classic dynamic batching)",
+        choices=("auto", "fill", "fixed"),
     )
     max_queued_images: int = setting(
         64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000

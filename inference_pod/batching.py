@@ -285,6 +285,7 @@ def plan(
     utilisation: float,
     arrivals_per_s: float,
     fill: bool = False,
+    fixed: bool = False,
 ) -> Plan:
     """Decide the size of the next batch of one key, and whether to wait for it to fill.
 
@@ -292,11 +293,18 @@ def plan(
     of ``b`` (None while unknown); ``utilisation`` is the recent GPU demand at batch size 1 (1.0 =
     the GPU would be busy all the time without batching); ``arrivals_per_s`` counts recent samples
     of this key per second; ``since_last_arrival_s`` is the time since the newest queued sample.
-    ``fill`` (the ``fill`` batch policy) always batches as many samples as allowed.
+    ``fill`` (the ``fill`` batch policy) always batches as many samples as allowed; ``fixed`` (the
+    ``fixed`` policy, classic dynamic batching) also waits for a full batch until the oldest sample
+    has waited ``max_wait_s``, unless another key has work.
     """
     limit = min(queued, max_batch)
     if limit <= 0:
         return Plan(0)
+    if fixed:
+        remaining = max_wait_s - oldest_age_s
+        if limit < max_batch and remaining > 0 and not other_keys_waiting:
+            return Plan(limit, wait_s=remaining)
+        return Plan(limit)
     t1, tk = batch_seconds(1), batch_seconds(limit)
     size = limit
     busy = fill or utilisation >= SATURATION

@@ -59,10 +59,12 @@ class BatchState:
         fill: bool,
         costs: CostModel,
         arrivals: ArrivalMeter | None = None,
+        fixed: bool = False,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.fill = fill
+        self.fixed = fixed
         self.costs = costs
         self.arrivals = arrivals or ArrivalMeter()
         self.queue = Queue()
@@ -121,6 +123,7 @@ class BatchState:
             utilisation=self.utilisation(now, busy_fraction),
             arrivals_per_s=self.arrivals.rate(key, now),
             fill=self.fill,
+            fixed=self.fixed,
         )
         if decision.wait_s > 0:
             return Wait(decision.wait_s)
@@ -148,7 +151,7 @@ class BatchState:
         (:func:`~.batching.curve_cap`; the configured size while the curve is still unknown, so
         that it is learned online)."""
         allowed = self.costs.max_batch(key, self.max_batch_size)
-        if self.fill or not self.costs.has_curve(key):
+        if self.fill or self.fixed or not self.costs.has_curve(key):
             return allowed
         return batching.curve_cap(allowed, functools.partial(self.costs.seconds, key))
 

@@ -86,6 +86,7 @@ class Scheduler:
         fill: bool,
         quarantine_after: int,
         clock: Callable[[], float] = time.monotonic,
+        fixed: bool = False,
     ) -> None:
         self._clock = clock
         self._counters = counters
@@ -95,6 +96,7 @@ class Scheduler:
             max_wait_s=max_wait_s,
             fill=fill,
             costs=self._costs,
+            fixed=fixed,
         )
         self._bounds = admission.Bounds(
             max_request_gpu_seconds=max_request_gpu_seconds,
@@ -138,6 +140,7 @@ class Scheduler:
             max_queued_gpu_seconds=settings.max_queued_gpu_seconds,
             max_wait_s=settings.max_wait_ms / 1000,
             fill=settings.batch_policy == "fill",
+            fixed=settings.batch_policy == "fixed",
             quarantine_after=settings.quarantine_after,
             clock=clock,
         )

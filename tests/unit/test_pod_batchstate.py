@@ -282,3 +282,26 @@ def test_keys_that_keep_waiting_get_equal_gpu_time_within_one_batch_each(
         waiting = s.queue.groups()
         for i, j in itertools.combinations([k for k in served if k in waiting], 2):
             assert abs(served[i] - served[j]) <= largest[i] + largest[j] + 1e-9
+
+
+def test_the_fixed_policy_waits_for_a_full_batch_until_max_wait() -> None:
+    costs = CostModel()
+    costs.observe(A, 1, 1.0)
+    costs.observe(A, 4, 4.0)  # batching buys nothing: auto and fill would not wait
+    s = BatchState(max_batch_size=4, max_wait_s=0.5, fill=False, fixed=True, costs=costs)
+    s.add(job(A, 1, now=0.0), now=0.0)
+    decision = s.next(now=0.1, busy_fraction=0.0)
+    assert isinstance(decision, Wait) and abs(decision.seconds - 0.4) < 1e-9
+    s.add(job(A, 2, now=0.2), now=0.2)
+    assert isinstance(s.next(now=0.2, busy_fraction=0.0), Wait)
+    decision = s.next(now=0.5, busy_fraction=0.0)  # the oldest waited 500 ms: take what is there
+    assert isinstance(decision, Take) and len(decision.samples) == 3
+    s.finish()
+    s.add(job(A, 4, now=1.0), now=1.0)
+    decision = s.next(now=1.0, busy_fraction=0.0)  # full at once: no wait
+    assert isinstance(decision, Take) and len(decision.samples) == 4
+    s.finish()
+    s.add(job(A, 1, now=2.0), now=2.0)
+    s.add(job(B, 1, now=2.0), now=2.0)
+    decision = s.next(now=2.0, busy_fraction=0.0)  # another shape has work: the GPU does not idle
+    assert isinstance(decision, Take)
