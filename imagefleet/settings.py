@@ -141,6 +141,12 @@ class PodSettings(HttpServerSettings):
         "auto: batch where the measured cost curve says it pays; fill: always batch as many as allowed",
         choices=("auto", "fill"),
     )
+    batch_mode: str = setting(
+        "request",
+        "request: a batch runs all its steps together; step: text-to-image samples of a flow-matching model "
+        "(SD3 family) join and leave the running batch between denoising steps",
+        choices=("request", "step"),
+    )
     max_queued_images: int = setting(
         64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000
     )

@@ -140,6 +140,30 @@ class BatchState:
         """The running batch is over (whatever its outcome)."""
         self.running = None
 
+    # --- step-level batches (:mod:`.steploop`) ---
+
+    def join(self, key: CompatKey, room: int) -> list[Sample]:
+        """Samples of ``key`` that join its running step-level batch now (out of the queue, added
+        to the running samples): the oldest, up to ``room``, and only while the fair queue would
+        still serve ``key`` next; so a key that has had its share stops taking samples, drains,
+        and the next key starts. The key is charged what the joiners add to the batch's
+        estimated time."""
+        if room <= 0 or self.queue.next_key() != key:
+            return []
+        running = len(self.running or ())
+        size = min(room, self.queue.group_count(key))
+        cost = self.costs.estimate(key, running + size) - (
+            self.costs.estimate(key, running) if running else 0.0
+        )
+        joined = self.queue.take(key, size, max(cost, 0.0))
+        self.running = [*(self.running or ()), *joined]
+        return joined
+
+    def leave(self, samples: list[Sample]) -> None:
+        """``samples`` left the running step-level batch."""
+        gone = {s.id for s in samples}
+        self.running = [s for s in self.running or () if s.id not in gone]
+
     def utilisation(self, now: float, busy_fraction: float) -> float:
         """How loaded the GPU is, for the batch policy: 1.0 means it never gets a rest.
 

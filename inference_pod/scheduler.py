@@ -86,6 +86,7 @@ class Scheduler:
         fill: bool,
         quarantine_after: int,
         clock: Callable[[], float] = time.monotonic,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> None:
         self._clock = clock
         self._counters = counters
@@ -111,6 +112,7 @@ class Scheduler:
             run_batch=run_batch,
             gpu=gpu,
             clock=clock,
+            stepwise=stepwise,
         )
         self._estimator = LoadEstimator(self._state, self._costs, lambda: self._loop.running)
         self._draining = False
@@ -126,7 +128,10 @@ class Scheduler:
         cpu: Executor,
         counters: PodCounters,
         clock: Callable[[], float] = time.monotonic,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> Scheduler:
+        """``stepwise``: the keys that run as step-level batches (``--batch-mode step``, for a
+        model that can: :func:`.stepbatch.stepwise_keys`); the others batch per request."""
         return cls(
             run_batch=run_batch,
             gpu=gpu,
@@ -140,6 +145,7 @@ class Scheduler:
             fill=settings.batch_policy == "fill",
             quarantine_after=settings.quarantine_after,
             clock=clock,
+            stepwise=stepwise if settings.batch_mode == "step" else None,
         )
 
     # --- lifecycle ---
