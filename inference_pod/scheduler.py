@@ -4,7 +4,8 @@ A facade over the parts, each with one job:
 
 * :mod:`.admission` -- whether a request is taken, by its estimated GPU time and the queue's;
 * :mod:`.batchstate` -- queues, jobs and the choice of the next batch (synchronous, clockless);
-* :mod:`.batchloop` -- the one task that owns the state and runs batches on the GPU thread;
+* :mod:`.batchloop` -- the one task that owns the state and runs batches on the GPU thread
+  (:mod:`.steploop`: its side of a step-level batch);
 * :mod:`.delivery` -- encoding on the CPU pool and settling each request's future;
 * :mod:`.health` -- consecutive failures and quarantine;
 * :mod:`.estimator` -- seconds of queued and running work.

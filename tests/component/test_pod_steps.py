@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy
+import openai
 from PIL import Image
 
 from imagefleet import metrics
@@ -129,3 +130,29 @@ def test_an_input_error_is_retried_sample_by_sample_and_costs_no_image(make_pod:
     assert last["size"] == 3 and last["status"] == "ok" and last["peak_batch"] == 3
     scrape = metrics.parse(pod.metrics())
     assert scrape.value(metrics.POD_ERRORS + "_total", kind="injected_input") == 1
+
+
+def test_a_streamed_request_gets_its_partial_images_in_a_step_level_batch(make_pod: PodFactory) -> None:
+    pod = step_pod(make_pod)
+    _, plain = pod.generate(prompt="a lighthouse", seed=11, **FIELDS)
+    client = openai.OpenAI(base_url=pod.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    pod.arm("stall", seconds=2, step=2)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(pod.generate, prompt="first", seed=1, **FIELDS)
+        wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the batch to start")
+        events = list(
+            client.images.generate(
+                model=MODEL,
+                prompt="a lighthouse",
+                size="64x64",
+                stream=True,
+                partial_images=2,
+                extra_body={"num_inference_steps": STEPS, "seed": 11},
+            )
+        )
+        assert running.result()[0] == 200
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    final = {"data": [{"b64_json": events[-1].b64_json}]}
+    assert close(pixels(final), pixels(plain))
+    joined = [b for b in entries(pod) if b["size"] == 1 and b["joined_at_step"] > 0]
+    assert joined and joined[-1]["left_at_step"] == joined[-1]["joined_at_step"] + STEPS
