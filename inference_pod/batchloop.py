@@ -12,7 +12,7 @@ fault, a sample out of memory alone, NaNs in an image) is a failure, a batch tha
 and had none a success, and a batch whose only failures were its inputs' leaves the count alone.
 Clients hear a generic message with their request id; the details are in the log.
 
-Keys that ``stepwise`` names (``--batch-mode step``) run as step-level batches instead
+Keys that the state's ``stepwise`` names (``--batch-mode step``) run as step-level batches instead
 (:mod:`.steploop`): samples join and leave between denoising steps, and each group of samples
 leaving together is settled here as a batch of its own.
 """
@@ -87,7 +87,6 @@ class BatchLoop:
         run_batch: RunBatch,
         gpu: Executor,
         clock: Callable[[], float],
-        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> None:
         self._state = state
         self._delivery = delivery
@@ -96,7 +95,6 @@ class BatchLoop:
         self._run_batch = run_batch
         self._gpu = gpu
         self._clock = clock
-        self._stepwise = stepwise
         self._wake = asyncio.Event()
         self.busy = BusyMeter()
         self.running: BatchRun | None = None
@@ -115,7 +113,8 @@ class BatchLoop:
         loop = asyncio.get_running_loop()
         while True:
             samples = await self._next()
-            if self._stepwise is not None and self._stepwise(samples[0].key):
+            stepwise = self._state.stepwise
+            if stepwise is not None and stepwise(samples[0].key):
                 await self._run_steps(samples)
                 continue
             run = BatchRun(key=samples[0].key, samples=samples, started_at=self._clock())

@@ -10,6 +10,7 @@ thread, so nothing here needs a lock.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefleet.inference_pod import batching
@@ -59,8 +60,12 @@ class BatchState:
         fill: bool,
         costs: CostModel,
         arrivals: ArrivalMeter | None = None,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.stepwise = stepwise
+        """Keys run as step-level batches (:mod:`.steploop`): they start with every waiting
+        sample up to the cap and never wait to fill, since later samples can still join."""
         self.max_wait_s = max_wait_s
         self.fill = fill
         self.costs = costs
@@ -107,6 +112,8 @@ class BatchState:
         key = self.queue.next_key()
         if key is None:
             return None
+        if self.stepwise is not None and self.stepwise(key):
+            return self._take(key, min(self.queue.group_count(key), self.batch_cap(key)))
         oldest = self.queue.head(key, 1)[0]
         decision = batching.plan(
             queued=self.queue.group_count(key),
@@ -122,7 +129,10 @@ class BatchState:
         )
         if decision.wait_s > 0:
             return Wait(decision.wait_s)
-        batch = self.queue.take(key, decision.size, self.costs.estimate(key, decision.size))
+        return self._take(key, decision.size)
+
+    def _take(self, key: CompatKey, size: int) -> Take:
+        batch = self.queue.take(key, size, self.costs.estimate(key, size))
         self.running = batch
         return Take(batch)
 

@@ -97,6 +97,7 @@ class Scheduler:
             max_wait_s=max_wait_s,
             fill=fill,
             costs=self._costs,
+            stepwise=stepwise,
         )
         self._bounds = admission.Bounds(
             max_request_gpu_seconds=max_request_gpu_seconds,
@@ -113,7 +114,6 @@ class Scheduler:
             run_batch=run_batch,
             gpu=gpu,
             clock=clock,
-            stepwise=stepwise,
         )
         self._estimator = LoadEstimator(self._state, self._costs, lambda: self._loop.running)
         self._draining = False

@@ -293,3 +293,18 @@ def test_stopping_the_pod_ends_a_running_step_level_batch() -> None:
         assert isinstance(error, Unavailable)
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+
+
+def test_a_step_level_key_starts_with_every_waiting_sample_and_never_waits_to_fill() -> None:
+    costs = CostModel()
+    costs.observe(SMALL, 1, 1.0)
+    costs.observe(SMALL, 3, 2.4)  # 20% cheaper per image: too little at light load to batch
+    plain = BatchState(max_batch_size=4, max_wait_s=0.5, fill=False, costs=costs)
+    stepped = BatchState(max_batch_size=4, max_wait_s=0.5, fill=False, costs=costs, stepwise=lambda k: True)
+    for state in (plain, stepped):
+        samples = [Sample(SMALL, "job", i, "p", None, i, 0.0) for i in range(3)]
+        state.add(Job("job", SMALL, samples, 0.0), 0.0)
+    took = plain.next(0.0, 0.0)
+    assert took is not None and len(took.samples) == 1  # type: ignore[union-attr]
+    took = stepped.next(0.0, 0.0)
+    assert took is not None and len(took.samples) == 3  # type: ignore[union-attr]
