@@ -258,7 +258,9 @@ class StepBatch:
         """The transformer call and Euler updates for ``members`` (nothing changed until all
         succeeded, the step hooks included)."""
         latents = torch.cat([m.latents for m in members])
-        timestep = self.schedule.timesteps[[m.steps_done for m in members]]
+        # views of the schedule stacked on its device: indexing with a list would copy an index
+        # from the host and wait for the device every step
+        timestep = torch.stack([self.schedule.timesteps[m.steps_done] for m in members])
         embeds = torch.cat([m.embeds for m in members])
         pooled = torch.cat([m.pooled for m in members])
         if self.guided:
@@ -348,7 +350,12 @@ def guarded(
 class StepMeter:
     """Step times by batch size, turned into batch timings: once a size has run the key's
     number of steps, (size, their summed time) is what a request-level batch of that size would
-    have measured (its encode and decode included, as they run between the same steps)."""
+    have measured (its encode and decode included, as they run between the same steps).
+
+    A step's time is the GPU thread's wall time from one exchange to the next. Nothing
+    synchronises the device in between except a decode, so on CUDA a step's kernels may still
+    run after its time was taken; over a size's run of steps that evens out to within about a
+    step."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
