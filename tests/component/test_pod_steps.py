@@ -62,7 +62,7 @@ def test_a_request_alone_makes_the_same_image_in_both_modes(make_pod: PodFactory
 def test_a_request_joins_a_running_batch_and_finishes_after_its_own_steps(make_pod: PodFactory) -> None:
     pod = step_pod(make_pod)
     _, alone = pod.generate(prompt="a late fox", seed=9, **FIELDS)
-    pod.arm("stall", seconds=3, step=5)
+    pod.arm("stall", seconds=5, step=5)
     with ThreadPoolExecutor(4) as pool:
         running = pool.submit(pod.generate, prompt="four", seed=1, n=4, **FIELDS)
         wait_until(lambda: pod.load()["running_samples"] == 4, 30, "the batch of 4 to start")
@@ -85,18 +85,20 @@ def test_a_request_joins_a_running_batch_and_finishes_after_its_own_steps(make_p
 def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_finish(make_pod: PodFactory) -> None:
     pod = step_pod(make_pod)
     _, alone = pod.generate(prompt="stays", seed=3, **FIELDS)
-    pod.arm("stall", seconds=3, step=2)
+    # The second request joins within the batch's first steps, and its client hangs up while the
+    # batch is held at step 6: before its batchmate is done, whatever this machine's speed.
+    pod.arm("stall", seconds=10, step=6)
     with ThreadPoolExecutor(4) as pool:
         stays = pool.submit(pod.generate, prompt="stays", seed=3, **FIELDS)
         wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the batch to start")
         body = b'{"prompt": "gone", "size": "64x64", "num_inference_steps": 12, "n": 2}'
-        gone = pool.submit(raw_request_then_hang_up, pod.url, body, 1.0)
-        wait_until(lambda: pod.load()["running_samples"] == 3, 30, "the second request to join")
+        gone = pool.submit(raw_request_then_hang_up, pod.url, body, 5.0)
+        wait_until(lambda: pod.load()["running_samples"] == 3, 5, "the second request to join")
         gone.result()
         status, kept = stays.result()
     assert status == 200 and close(pixels(kept), pixels(alone))
     cancelled = [b for b in entries(pod) if b["status"] == "cancelled"]
-    assert len(cancelled) == 1 and cancelled[0]["size"] == 2
+    assert len(cancelled) == 1 and cancelled[0]["size"] == 2 and cancelled[0]["left_at_step"] < STEPS
     assert entries(pod)[-1]["status"] == "ok" and entries(pod)[-1]["steps_done"] == STEPS
     assert metrics.parse(pod.metrics()).value(metrics.POD_IMAGES + "_total", outcome="cancelled") == 2
     assert pod.load()["running_samples"] == 0
@@ -136,7 +138,7 @@ def test_a_streamed_request_gets_its_partial_images_in_a_step_level_batch(make_p
     pod = step_pod(make_pod)
     _, plain = pod.generate(prompt="a lighthouse", seed=11, **FIELDS)
     client = openai.OpenAI(base_url=pod.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    pod.arm("stall", seconds=2, step=2)
+    pod.arm("stall", seconds=4, step=2)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(pod.generate, prompt="first", seed=1, **FIELDS)
         wait_until(lambda: pod.load()["running_samples"] == 1, 30, "the batch to start")
