@@ -10,6 +10,7 @@ block by matrix size), which leaves the images about 1e-6 apart in [0, 1].
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,9 +19,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from imagefleet.inference_pod import stepbatch, synthetic
+from imagefleet.inference_pod import faults, stepbatch, synthetic
 from imagefleet.inference_pod.batching import CompatKey, Sample
-from imagefleet.inference_pod.worker import BatchRun, Left, Outcome, SampleFailed
+from imagefleet.inference_pod.worker import Admission, BatchRun, Left, Outcome, SampleFailed
 
 STEPS = 6
 KEY = CompatKey.of("generate", size=(64, 64), steps=STEPS, guidance=4.5)
@@ -283,3 +284,32 @@ def test_only_sd3_text_to_image_of_the_lossless_tier_runs_step_level(pipe: Any) 
     stochastic = copy.copy(pipe)
     stochastic.scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     assert not stepbatch.supports(stochastic)
+
+
+class Recorder:
+    """A channel that lets nobody join and keeps every report."""
+
+    def __init__(self) -> None:
+        self.reports: list[Any] = []
+
+    def exchange(self, report: Any) -> Any:
+        self.reports.append(report)
+        return Admission(join=[], drop=[])
+
+
+@pytest.mark.parametrize("stall", [False, True])
+def test_a_batch_runs_to_its_end_through_its_channel_and_a_stalled_step_teaches_nothing(
+    pipe: Any, stall: bool
+) -> None:
+    plan = faults.FaultPlan()
+    if stall:
+        plan.arm("stall", 1, seconds=0.0, step=2)
+    channel = Recorder()
+    run = BatchRun(KEY, [sample(1), sample(2)], session=channel)
+    model = type("Model", (), {"pipeline": lambda self, task: pipe})()
+    outcome = faults.wrap(functools.partial(stepbatch.execute, model), plan)(run)
+    assert outcome.error is None
+    assert [r.steps_run for r in channel.reports] == list(range(1, STEPS + 1))
+    assert [len(r.left) for r in channel.reports] == [0] * (STEPS - 1) + [2]
+    timings = [t for r in channel.reports for t in r.outcome.timings]
+    assert [size for size, _ in timings] == ([] if stall else [2])  # one step short of a batch's time
