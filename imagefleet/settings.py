@@ -142,6 +142,12 @@ class PodSettings(HttpServerSettings):
         "fixed: also wait up to max_wait_ms for a full batch (classic dynamic batching)",
         choices=("auto", "fill", "fixed"),
     )
+    batch_mode: str = setting(
+        "request",
+        "request: a batch runs all its steps together; step: text-to-image samples of a flow-matching model "
+        "(SD3 family) join and leave the running batch between denoising steps",
+        choices=("request", "step"),
+    )
     max_queued_images: int = setting(
         64, "queued samples beyond which new requests get 429", minimum=1, maximum=100000
     )

@@ -13,7 +13,9 @@ outside in:
   batch; synchronous), :mod:`.batchloop` (the one task running batches), :mod:`.delivery`
   (encode, resolve, fail), :mod:`.health`, :mod:`.estimator`;
 * :mod:`.batching`, :mod:`.costs` -- pure batch-forming policy and learned batch costs;
-* :mod:`.worker` -- the GPU thread: runs a batch, splits it on out-of-memory; :mod:`.faults` --
+* :mod:`.worker` -- the GPU thread: runs a batch, splits it on out-of-memory; :mod:`.stepbatch`
+  and :mod:`.steploop` -- step-level batches (``--batch-mode step``), on the GPU thread and on
+  the event loop; :mod:`.faults` --
   the fault-injection test hook around it; :mod:`.warmup` -- the start-up batches;
 * :mod:`.models`, :mod:`.tiny`, :mod:`.synthetic`, :mod:`.chartokenizer` -- building or loading
   diffusers pipelines;

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from imagefleet.httpkit import Handler, edge_middleware, error_middleware, setup_edge
 from imagefleet.httpkit import serve as serve_app
-from imagefleet.inference_pod import faults, models, previews, reports, telemetry, worker
+from imagefleet.inference_pod import faults, models, previews, reports, stepbatch, telemetry
 from imagefleet.inference_pod.files import FileStore
 from imagefleet.inference_pod.routes import setup_routes
 from imagefleet.inference_pod.scheduler import Scheduler
@@ -106,7 +106,13 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
         rt.status = LoadFailed(f"{type(exc).__name__}: {exc}"[:500])
         return
     limits = Limits.from_settings(settings, model=info.id, size_multiple=info.size_multiple)
-    run_batch = functools.partial(worker.execute, model)
+    run_batch = functools.partial(stepbatch.execute, model)
+    stepwise = stepbatch.stepwise_keys(model)
+    if settings.batch_mode == "step" and stepwise is None:
+        log.warning(
+            "--batch-mode step needs a flow-matching text-to-image pipeline (SD3 family); %s batches per request",
+            info.id,
+        )
     watches = previews.Watches()
     decoder = await asyncio.get_running_loop().run_in_executor(
         rt.gpu, previews.decoder_for, info.family, model.text2img
@@ -119,6 +125,7 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
         cpu=rt.cpu,
         counters=rt.counters,
         clock=rt.clock,
+        stepwise=stepwise,
     )
     warmup_s = 0.0
     if settings.warmup:

@@ -11,12 +11,17 @@ sample by sample). Only the device's failures count toward quarantine: a batch w
 fault, a sample out of memory alone, NaNs in an image) is a failure, a batch that made an image
 and had none a success, and a batch whose only failures were its inputs' leaves the count alone.
 Clients hear a generic message with their request id; the details are in the log.
+
+Keys that the state's ``stepwise`` names (``--batch-mode step``) run as step-level batches instead
+(:mod:`.steploop`): samples join and leave between denoising steps, and each group of samples
+leaving together is settled here as a batch of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +37,7 @@ from imagefleet.inference_pod.counters import PodCounters
 from imagefleet.inference_pod.delivery import Delivery
 from imagefleet.inference_pod.health import PodHealth
 from imagefleet.inference_pod.phase import PodPhase, refused
+from imagefleet.inference_pod.steploop import StepSession
 from imagefleet.inference_pod.worker import (
     GENERIC_FAILURE,
     BatchRun,
@@ -107,6 +113,10 @@ class BatchLoop:
         loop = asyncio.get_running_loop()
         while True:
             samples = await self._next()
+            stepwise = self._state.stepwise
+            if stepwise is not None and stepwise(samples[0].key):
+                await self._run_steps(samples)
+                continue
             run = BatchRun(key=samples[0].key, samples=samples, started_at=self._clock())
             self.running = run
             for s in samples:
@@ -122,6 +132,37 @@ class BatchLoop:
                 self.busy.stop(self._clock())
             self.finish(run, outcome, self._clock() - run.started_at)
 
+    async def _run_steps(self, samples: list[Sample]) -> None:
+        """Run a step-level batch starting with ``samples`` until it drains."""
+        loop = asyncio.get_running_loop()
+        run = BatchRun(key=samples[0].key, samples=samples, started_at=self._clock())
+        session = StepSession(
+            run,
+            state=self._state,
+            loop=loop,
+            clock=self._clock,
+            settle=self.finish,
+            account=functools.partial(self.account, run.key),
+            joined=self._joined,
+        )
+        run.session = session
+        self.running = run
+        self.busy.start(run.started_at)
+        try:
+            outcome = await loop.run_in_executor(self._gpu, self._run_batch, run)
+        except Exception as exc:  # the executor itself failed
+            outcome = Outcome(results=[], error=exc)
+        finally:
+            session.close()
+            self.running = None
+            self._state.finish()
+            self.busy.stop(self._clock())
+        session.end(outcome)
+
+    def _joined(self, samples: list[Sample], now: float) -> None:
+        for s in samples:
+            self._counters.queue_wait.observe(now - s.enqueued_at)
+
     async def _next(self) -> list[Sample]:
         while True:
             now = self._clock()
@@ -135,14 +176,18 @@ class BatchLoop:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), decision.seconds)
 
-    def finish(self, run: BatchRun, outcome: Outcome, seconds: float) -> None:
-        size = len(run.samples)
-        self._counters.batch(size, seconds)
-        learn(self._state.costs, run.key, outcome)
+    def account(self, key: CompatKey, outcome: Outcome) -> None:
+        """Learn an outcome's timings and out-of-memory cap; count its splits and retries."""
+        learn(self._state.costs, key, outcome)
         if outcome.oom_cap is not None:
             self._counters.other_errors["oom"] += 1
         for kind in outcome.retried:
             self._counters.batch_errors[kind] += 1
+
+    def finish(self, run: BatchRun, outcome: Outcome, seconds: float) -> None:
+        size = len(run.samples)
+        self._counters.batch(size, seconds)
+        self.account(run.key, outcome)
         partial = any(isinstance(r, SampleFailed) for r in outcome.results)
         status = (
             "cancelled"
@@ -223,15 +268,18 @@ class BatchLoop:
                 "steps_done": run.steps_done,
                 "status": status,
                 "requests": sorted({s.job_id for s in run.samples}),
+                "mode": "request",
+                **run.log,
             }
         )
         log.info(
-            "Batch of %d %s %dx%d x%d steps: %s in %.3f s",
+            "Batch of %d %s %dx%d x%d steps%s: %s in %.3f s",
             len(run.samples),
             key.task,
             key.width,
             key.height,
             key.steps,
+            " (left a step-level batch)" if run.log.get("mode") == "step" else "",
             status,
             seconds,
         )

@@ -10,6 +10,7 @@ thread, so nothing here needs a lock.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefleet.inference_pod import batching
@@ -60,8 +61,12 @@ class BatchState:
         costs: CostModel,
         arrivals: ArrivalMeter | None = None,
         fixed: bool = False,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.stepwise = stepwise
+        """Keys run as step-level batches (:mod:`.steploop`): they start with every waiting
+        sample up to the cap and never wait to fill, since later samples can still join."""
         self.max_wait_s = max_wait_s
         self.fill = fill
         self.fixed = fixed
@@ -110,6 +115,8 @@ class BatchState:
         key = self.queue.next_key()
         if key is None:
             return None
+        if self.stepwise is not None and self.stepwise(key):
+            return self._take(key, min(self.queue.group_count(key), self.batch_cap(key)))
         oldest = self.queue.head(key, 1)[0]
         queued = self.queue.group_count(key)
         decision = batching.plan(
@@ -127,7 +134,10 @@ class BatchState:
         )
         if decision.wait_s > 0:
             return Wait(decision.wait_s)
-        batch = self.queue.take(key, decision.size, self.costs.estimate(key, decision.size))
+        return self._take(key, decision.size)
+
+    def _take(self, key: CompatKey, size: int) -> Take:
+        batch = self.queue.take(key, size, self.costs.estimate(key, size))
         self.running = batch
         return Take(batch)
 
@@ -158,6 +168,30 @@ class BatchState:
     def finish(self) -> None:
         """The running batch is over (whatever its outcome)."""
         self.running = None
+
+    # --- step-level batches (:mod:`.steploop`) ---
+
+    def join(self, key: CompatKey, room: int) -> list[Sample]:
+        """Samples of ``key`` that join its running step-level batch now (out of the queue, added
+        to the running samples): the oldest, up to ``room``, and only while the fair queue would
+        still serve ``key`` next; so a key that has had its share stops taking samples, drains,
+        and the next key starts. The key is charged what the joiners add to the batch's
+        estimated time."""
+        if room <= 0 or self.queue.next_key() != key:
+            return []
+        running = len(self.running or ())
+        size = min(room, self.queue.group_count(key))
+        cost = self.costs.estimate(key, running + size) - (
+            self.costs.estimate(key, running) if running else 0.0
+        )
+        joined = self.queue.take(key, size, max(cost, 0.0))
+        self.running = [*(self.running or ()), *joined]
+        return joined
+
+    def leave(self, samples: list[Sample]) -> None:
+        """``samples`` left the running step-level batch."""
+        gone = {s.id for s in samples}
+        self.running = [s for s in self.running or () if s.id not in gone]
 
     def utilisation(self, now: float, busy_fraction: float) -> float:
         """How loaded the GPU is, for the batch policy: 1.0 means it never gets a rest.

@@ -94,7 +94,7 @@ class _Hook:
             return
         self.fault = None
         if fault.kind == "stall":
-            self.stalled = True
+            self.stalled = run.stalled = True
             run.stop.wait(fault.seconds)
         elif fault.kind == "oom":
             raise torch.OutOfMemoryError("injected out-of-memory")

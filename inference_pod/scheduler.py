@@ -4,7 +4,8 @@ A facade over the parts, each with one job:
 
 * :mod:`.admission` -- whether a request is taken, by its estimated GPU time and the queue's;
 * :mod:`.batchstate` -- queues, jobs and the choice of the next batch (synchronous, clockless);
-* :mod:`.batchloop` -- the one task that owns the state and runs batches on the GPU thread;
+* :mod:`.batchloop` -- the one task that owns the state and runs batches on the GPU thread
+  (:mod:`.steploop`: its side of a step-level batch);
 * :mod:`.delivery` -- encoding on the CPU pool and settling each request's future;
 * :mod:`.health` -- consecutive failures and quarantine;
 * :mod:`.estimator` -- seconds of queued and running work.
@@ -87,6 +88,7 @@ class Scheduler:
         quarantine_after: int,
         clock: Callable[[], float] = time.monotonic,
         fixed: bool = False,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> None:
         self._clock = clock
         self._counters = counters
@@ -97,6 +99,7 @@ class Scheduler:
             fill=fill,
             costs=self._costs,
             fixed=fixed,
+            stepwise=stepwise,
         )
         self._bounds = admission.Bounds(
             max_request_gpu_seconds=max_request_gpu_seconds,
@@ -128,7 +131,10 @@ class Scheduler:
         cpu: Executor,
         counters: PodCounters,
         clock: Callable[[], float] = time.monotonic,
+        stepwise: Callable[[CompatKey], bool] | None = None,
     ) -> Scheduler:
+        """``stepwise``: the keys that run as step-level batches (``--batch-mode step``, for a
+        model that can: :func:`.stepbatch.stepwise_keys`); the others batch per request."""
         return cls(
             run_batch=run_batch,
             gpu=gpu,
@@ -143,6 +149,7 @@ class Scheduler:
             fixed=settings.batch_policy == "fixed",
             quarantine_after=settings.quarantine_after,
             clock=clock,
+            stepwise=stepwise if settings.batch_mode == "step" else None,
         )
 
     # --- lifecycle ---

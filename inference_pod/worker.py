@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -110,6 +110,52 @@ class BatchRun:
     """When the batch loop handed it to the GPU thread (the loop's clock)."""
     hooks: list[StepHook] = field(default_factory=list)
     latent_hooks: list[LatentHook] = field(default_factory=list)
+    session: StepChannel | None = None
+    """Set for a step-level batch (:mod:`.stepbatch`): ``samples`` are its first members, and
+    samples join and leave it between denoising steps through this channel."""
+    stalled: bool = False
+    """A test hook stalled a step (:mod:`.faults`): that step's time says nothing about the GPU."""
+    log: dict[str, Any] = field(default_factory=dict)
+    """Extra fields of its ``/debug/batches`` entry."""
+
+
+@dataclass
+class Left:
+    """A sample leaving a step-level batch: its image (PIL), or why it failed."""
+
+    sample: Sample
+    result: Any
+    steps_done: int
+
+
+@dataclass
+class StepReport:
+    """What a step-level batch did since the last exchange (GPU thread to event loop)."""
+
+    left: list[Left]
+    outcome: Outcome
+    """Timings (a batch size and the time of the key's number of steps at it), an out-of-memory
+    cap and retried errors, as a batch's; its ``results`` are unused."""
+    steps_run: int
+    """Denoising steps the batch has run since it started (its step counter)."""
+    size: int
+    """Samples in the last transformer call(s) of this step (0 when no step ran)."""
+    least_done: int
+    """The fewest steps any remaining member has done (0 without members)."""
+
+
+@dataclass
+class Admission:
+    """The event loop's answer between two steps: who joins now, who leaves (its request went)."""
+
+    join: list[Sample]
+    drop: list[Sample]
+
+
+class StepChannel(Protocol):
+    def exchange(self, report: StepReport) -> Admission | None:
+        """Between two denoising steps, on the GPU thread: hand over ``report`` and wait for who
+        joins and who is dropped; None ends the batch (no member is left, or the pod stops)."""
 
 
 @dataclass
@@ -187,13 +233,16 @@ def _run_split(model: LoadedModel, run: BatchRun, indices: list[int], outcome: O
         return
     outcome.timings.append((len(indices), time.perf_counter() - started))
     for i, sample, image in zip(indices, samples, images, strict=True):
-        if isinstance(image, np.ndarray) and np.isnan(image).any():
-            log.error("The pipeline made NaNs for request %s (sample %d)", sample.job_id, sample.index)
-            outcome.results[i] = SampleFailed("nan", "The GPU produced an invalid image.", device=True)
-        else:
-            outcome.results[i] = (
-                VaeImageProcessor.numpy_to_pil(image)[0] if isinstance(image, np.ndarray) else image
-            )
+        outcome.results[i] = image_result(sample, image)
+
+
+def image_result(sample: Sample, image: Any) -> Any:
+    """A sample's image out of the pipeline ("np" output) as its result: a PIL image, or a NaN
+    failure (the device's)."""
+    if isinstance(image, np.ndarray) and np.isnan(image).any():
+        log.error("The pipeline made NaNs for request %s (sample %d)", sample.job_id, sample.index)
+        return SampleFailed("nan", "The GPU produced an invalid image.", device=True)
+    return VaeImageProcessor.numpy_to_pil(image)[0] if isinstance(image, np.ndarray) else image
 
 
 GENERIC_FAILURE = "The image could not be generated: internal error."

@@ -8,7 +8,7 @@ from pathlib import Path
 POD = Path(__file__).resolve().parents[2] / "inference_pod"
 PACKAGE = "imagefleet.inference_pod."
 # The scheduler (scheduler.py) and the parts behind it; only they may import one another's parts.
-SCHEDULER = {"scheduler", "batchstate", "batchloop", "delivery", "health", "estimator"}
+SCHEDULER = {"scheduler", "batchstate", "batchloop", "steploop", "delivery", "health", "estimator"}
 PARTS = SCHEDULER - {"scheduler"}
 
 

@@ -21,7 +21,7 @@ def parse(argv: list[str], env: dict[str, str]) -> PodSettings:
 def test_defaults() -> None:
     s = parse([], {})
     assert s == PodSettings()
-    assert s.model == "tiny" and s.max_batch_size == 4
+    assert s.model == "tiny" and s.max_batch_size == 4 and s.batch_mode == "request"
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -53,6 +53,7 @@ def test_types_are_parsed() -> None:
         ({"IMAGEFLEET_MAX_BATCH_SIZE": "0"}, "--max-batch-size"),
         ({"IMAGEFLEET_WARMUP": "perhaps"}, "true or false"),
         ({"IMAGEFLEET_DTYPE": "int8"}, "choose one of"),
+        ({"IMAGEFLEET_BATCH_MODE": "token"}, "choose one of"),
         ({"IMAGEFLEET_MAX_QUEUED_IMAGES": "2"}, "max-images-per-request"),
     ],
 )
