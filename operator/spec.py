@@ -31,6 +31,7 @@ POD_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("batching", "maxQueuedImages"), "max_queued_images"),
     (("batching", "maxQueuedGpuSeconds"), "max_queued_gpu_seconds"),
     (("batching", "policy"), "batch_policy"),
+    (("batching", "mode"), "batch_mode"),
     (("acceleration", "compile"), "compile"),
     (("acceleration", "tiers"), "tiers"),
     (("acceleration", "fastInterval"), "fast_interval"),

@@ -49,6 +49,17 @@ def test_the_pod_command_is_the_real_cli_with_the_specs_settings() -> None:
     assert (parsed.host, parsed.port) == ("0.0.0.0", OP.pod_port)
 
 
+def test_the_batching_mode_and_policy_reach_the_pod_command() -> None:
+    g = parse(generator(batching={"mode": "step", "policy": "fixed", "maxWaitMs": 250}), OP)
+    command = container(manifests.inference_pod(g, OP, slot=0))["command"]
+    parsed = settings.load(PodSettings, cli.build_parser().parse_args(command[1:]), env={})
+    assert (parsed.batch_mode, parsed.batch_policy, parsed.max_wait_ms) == ("step", "fixed", 250)
+    plain = container(manifests.inference_pod(parse(generator(), OP), OP, slot=0))["command"]
+    assert (
+        settings.load(PodSettings, cli.build_parser().parse_args(plain[1:]), env={}).batch_mode == "request"
+    )
+
+
 def test_each_pod_asks_for_exactly_one_gpu_of_the_named_resource() -> None:
     g = parse(generator(gpuResourceName="amd.com/gpu", resources={"requests": {"cpu": "4"}}), OP)
     resources = container(manifests.inference_pod(g, OP, 0))["resources"]
