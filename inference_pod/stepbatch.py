@@ -49,6 +49,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from imagefleet.inference_pod import worker
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.models import LoadedModel
+from imagefleet.inference_pod.prompts import EmptyNegative
 from imagefleet.inference_pod.worker import (
     GENERIC_FAILURE,
     BatchRun,
@@ -153,9 +154,11 @@ class Member:
 class StepBatch:
     """The running batch of one key on the GPU thread (used by one thread at a time)."""
 
-    def __init__(self, pipe: Any, key: CompatKey) -> None:
+    def __init__(self, pipe: Any, key: CompatKey, empty_negative: EmptyNegative | None = None) -> None:
         self.pipe = pipe
         self.key = key
+        self.empty_negative = empty_negative
+        """The empty negative prompt's embeddings, encoded once per model (:mod:`.prompts`)."""
         self.device = pipe._execution_device
         self.guided = key.guidance > 1  # the pipeline's do_classifier_free_guidance
         self.schedule = schedule_of(pipe, key, self.device)
@@ -183,11 +186,14 @@ class StepBatch:
 
     def _encode(self, samples: list[Sample]) -> list[Member]:
         pipe = self.pipe
+        negatives: dict[str, Any] = {"negative_prompt": [s.negative_prompt or "" for s in samples]}
+        if self.guided and self.empty_negative is not None and not any(s.negative_prompt for s in samples):
+            negatives = self.empty_negative.kwargs(pipe, len(samples))
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=[s.prompt for s in samples],
             prompt_2=None,
             prompt_3=None,
-            negative_prompt=[s.negative_prompt or "" for s in samples],
+            **negatives,
             do_classifier_free_guidance=self.guided,
             device=self.device,
             clip_skip=None,
@@ -379,7 +385,7 @@ def run_steps(model: LoadedModel, run: BatchRun) -> Outcome:
     meter = StepMeter(run.key.steps)
     try:
         with torch.inference_mode():
-            batch = StepBatch(model.pipeline("generate"), run.key)
+            batch = StepBatch(model.pipeline("generate"), run.key, model.empty_negative)
             while True:
                 started = time.perf_counter()
                 left = batch.join(pending, outcome) if pending else []

@@ -21,6 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from imagefleet.inference_pod import faults, stepbatch, synthetic
 from imagefleet.inference_pod.batching import CompatKey, Sample
+from imagefleet.inference_pod.prompts import EmptyNegative
 from imagefleet.inference_pod.worker import Admission, BatchRun, Left, Outcome, SampleFailed
 
 STEPS = 6
@@ -59,6 +60,7 @@ def run_plan(
     key: CompatKey = KEY,
     drops: dict[int, list[Sample]] | None = None,
     run: BatchRun | None = None,
+    empty_negative: EmptyNegative | None = None,
 ) -> dict[int, tuple[Any, int]]:
     """Run a step-level batch: ``joins[k]`` join before batch step k, ``drops[k]`` leave
     before it. Returns each leaving sample's (result, batch step it left after) by seed."""
@@ -66,7 +68,7 @@ def run_plan(
     outcome = Outcome(results=[])
     left: dict[int, tuple[Any, int]] = {}
     with torch.inference_mode():
-        batch = stepbatch.StepBatch(pipe, key)
+        batch = stepbatch.StepBatch(pipe, key, empty_negative)
         step = 0
         while step <= max(joins) or batch.members:
             batch.drop((drops or {}).get(step, []))
@@ -125,6 +127,12 @@ def test_a_sample_alone_is_the_pipelines_image_bit_for_bit(
     monkeypatch.setattr(stepbatch.worker, "image_result", lambda sample, image: image)  # keep the floats
     (image, left_at), *_ = run_plan(pipe, {0: [sample(5)]}).values()
     assert left_at == STEPS
+    assert np.array_equal(image, stock(pipe, ["a fox"], [5])[0])
+
+
+def test_the_reused_empty_negative_gives_the_same_image(pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stepbatch.worker, "image_result", lambda sample, image: image)
+    (image, _), *_ = run_plan(pipe, {0: [sample(5)]}, empty_negative=EmptyNegative()).values()
     assert np.array_equal(image, stock(pipe, ["a fox"], [5])[0])
 
 
@@ -233,7 +241,7 @@ def test_a_device_fault_ends_the_batch_with_the_error(pipe: Any, monkeypatch: py
             raise AssertionError("no step completed")
 
     patch(pipe, monkeypatch, fails)
-    model = type("Model", (), {"pipeline": lambda self, task: pipe})()
+    model = type("Model", (), {"pipeline": lambda self, task: pipe, "empty_negative": None})()
     run = BatchRun(KEY, [sample(1)], session=Channel())
     outcome = stepbatch.run_steps(model, run)  # type: ignore[arg-type]
     assert isinstance(outcome.error, RuntimeError)
@@ -306,7 +314,7 @@ def test_a_batch_runs_to_its_end_through_its_channel_and_a_stalled_step_teaches_
         plan.arm("stall", 1, seconds=0.0, step=2)
     channel = Recorder()
     run = BatchRun(KEY, [sample(1), sample(2)], session=channel)
-    model = type("Model", (), {"pipeline": lambda self, task: pipe})()
+    model = type("Model", (), {"pipeline": lambda self, task: pipe, "empty_negative": None})()
     outcome = faults.wrap(functools.partial(stepbatch.execute, model), plan)(run)
     assert outcome.error is None
     assert [r.steps_run for r in channel.reports] == list(range(1, STEPS + 1))
