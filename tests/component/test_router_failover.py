@@ -83,7 +83,10 @@ def stale_router_preferring(first: PodProcess, other: PodProcess) -> RouterThrea
 
 
 def fill(pod: PodProcess) -> list[Held]:
-    """One request running and three queued: the pod's queue is full."""
+    """One request running (stalled at its first step until it hangs up, however fast this
+    machine runs steps) and three queued: the pod's queue is full."""
+    reply = call("POST", pod.url + "/debug/faults", {"kind": "stall", "count": 1, "seconds": 600})
+    assert reply.status == 200, reply.body
     held = [Held(pod.url, **LONG).start() for _ in range(4)]
     wait_until(lambda: get_json(pod.url + "/v1/load")[1]["queued_samples"] == 3, 30, "a full queue")
     return held
