@@ -170,6 +170,7 @@ def test_imagegenerator_crd_is_served_and_validated(
         "maxQueuedImages": 64,
         "maxQueuedGpuSeconds": 1200,
         "policy": "auto",
+        "mode": "request",
     }
 
     negative = tools.kubectl("create", *ns, "-f", "-", stdin=_generator("negative", replicas=-1), check=False)
