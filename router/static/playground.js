@@ -215,6 +215,7 @@
       const result = await run(body);
       const seconds = (performance.now() - started) / 1000;
       const created = Date.now();
+      const saves = [];
       for (let i = result.images.length - 1; i >= 0; i--) {
         const image = result.images[i];
         const record = {
@@ -229,13 +230,15 @@
           partials: result.partials,
         };
         show(record, true);
-        saveResult(record).catch((e) => console.warn("gallery not saved:", e));
+        saves.push(saveResult(record).catch((e) => console.warn("gallery not saved:", e)));
       }
       status.textContent =
         result.images.length + (result.images.length === 1 ? " image" : " images") + " in " + seconds.toFixed(1) + " s" +
         (result.streamed ? " (" + result.partials + " previews)" : "");
       status.dataset.done = String(created);
       previews.hidden = !result.streamed;
+      await Promise.all(saves);
+      status.dataset.saved = String(created); // in this tab's gallery: a reload shows it
     } catch (error) {
       status.className = "status error";
       status.textContent = "Failed: " + error.message;

@@ -210,7 +210,8 @@ def test_a_generation_from_the_form_shows_its_images_and_parameters(
     screenshot(chrome, shots, "playground")
     assert unexpected_errors(browser.console(chrome), streams) == []
 
-    # the gallery is this tab's: it survives a reload
+    # the gallery is this tab's: it survives a reload (once IndexedDB has the results)
+    wait(chrome, lambda c: c.find_element(By.ID, "status").get_attribute("data-saved"), "the results saved")
     chrome.refresh()
     wait(
         chrome, lambda c: len(gallery_images(c)) == 2 and all(i["width"] for i in gallery_images(c)), "reload"
