@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagefleet.testing.servers import free_port, get_json, wait_until
+from imagefleet.testing.servers import free_port, get_json, terminate, wait_until
 
 DEFAULT_MODEL = "synthetic:sd3.5-medium"
 DEFAULT_SIZE = "1024x1024"
@@ -318,13 +317,7 @@ def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(proc)
 
 
 def ready_backends(url: str) -> int:

@@ -90,17 +90,6 @@ def classify(status: int, headers: Any, body: bytes) -> str:
     return f"http-{status}"
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ordered[-1], 3)}
-
-
 # --- processes and memory -------------------------------------------------------------------------
 
 
@@ -385,9 +374,9 @@ def phase_record(phase: str, outcomes: Sequence[Outcome], span: tuple[float, flo
         "503": kinds["503"],
         "failures": sum(failures.values()),
         "failure_kinds": failures,
-        "image_latency_s": percentiles([o.latency for o in mine if o.kind == "image"]),
-        "rejection_latency_s": percentiles([o.latency for o in mine if o.kind in ("429", "503")]),
-        "retry_after_s": percentiles([o.retry_after for o in mine if o.retry_after is not None]),
+        "image_latency_s": common.percentiles([o.latency for o in mine if o.kind == "image"]),
+        "rejection_latency_s": common.percentiles([o.latency for o in mine if o.kind in ("429", "503")]),
+        "retry_after_s": common.percentiles([o.retry_after for o in mine if o.retry_after is not None]),
     }
 
 

@@ -12,6 +12,7 @@ encoders with the same settings), so images do not change.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,3 +45,16 @@ class EmptyNegative:
             "negative_prompt_embeds": embeds.expand(batch, -1, -1),
             "negative_pooled_prompt_embeds": pooled.expand(batch, -1),
         }
+
+
+def negative_kwargs(
+    negatives: Sequence[str | None], empty: EmptyNegative | None, pipe: Any, guided: bool
+) -> dict[str, Any]:
+    """The pipeline's negative-prompt arguments for samples with ``negatives``: their own when any
+    has one; the empty prompt's reused embeddings when guidance needs a negative and ``empty`` is
+    there; else none (the pipeline then encodes ``""`` itself)."""
+    if any(negatives):
+        return {"negative_prompt": [n or "" for n in negatives]}
+    if guided and empty is not None:
+        return empty.kwargs(pipe, len(negatives))
+    return {}

@@ -49,7 +49,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from imagefleet.inference_pod import worker
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.models import LoadedModel
-from imagefleet.inference_pod.prompts import EmptyNegative
+from imagefleet.inference_pod.prompts import EmptyNegative, negative_kwargs
 from imagefleet.inference_pod.worker import (
     GENERIC_FAILURE,
     BatchRun,
@@ -186,9 +186,9 @@ class StepBatch:
 
     def _encode(self, samples: list[Sample]) -> list[Member]:
         pipe = self.pipe
-        negatives: dict[str, Any] = {"negative_prompt": [s.negative_prompt or "" for s in samples]}
-        if self.guided and self.empty_negative is not None and not any(s.negative_prompt for s in samples):
-            negatives = self.empty_negative.kwargs(pipe, len(samples))
+        negatives = negative_kwargs(
+            [s.negative_prompt for s in samples], self.empty_negative, pipe, self.guided
+        )
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=[s.prompt for s in samples],
             prompt_2=None,

@@ -34,6 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.models import LoadedModel
+from imagefleet.inference_pod.prompts import negative_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +281,9 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
         "callback_on_step_end": on_step_end,
         "output_type": "np",  # checked for NaNs, then made PIL images (as "pil" would)
     }
-    if any(s.negative_prompt for s in samples):
-        kwargs["negative_prompt"] = [s.negative_prompt or "" for s in samples]
-    elif model.empty_negative is not None and key.guidance > 1:
-        kwargs.update(model.empty_negative.kwargs(pipe, len(samples)))
+    kwargs.update(
+        negative_kwargs([s.negative_prompt for s in samples], model.empty_negative, pipe, key.guidance > 1)
+    )
     if key.task == "generate":
         kwargs.update(height=key.height, width=key.width)
     else:

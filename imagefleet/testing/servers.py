@@ -73,6 +73,18 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """Stop ``proc`` as a user would: SIGTERM, then SIGKILL if it is not gone within ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def wait_ready(base_url: str, timeout: float = 120.0) -> None:
     wait_until(lambda: get_json(base_url + "/readyz", timeout=2)[0] == 200, timeout, f"{base_url}/readyz")
 

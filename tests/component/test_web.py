@@ -32,7 +32,7 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from imagefleet.testing import browser, dashboards
 from imagefleet.testing.routers import Held, RouterThread, router_settings
-from imagefleet.testing.servers import free_port, get_json, get_text, wait_until
+from imagefleet.testing.servers import free_port, get_json, get_text, terminate, wait_until
 from tests.conftest import PodFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,13 +95,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         wait_until(lambda: s.fleet()["totals"]["ready"] == PODS, 180, "both pods ready")
         yield s
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(proc)
 
 
 @pytest.fixture(scope="module")
