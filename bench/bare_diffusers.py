@@ -61,7 +61,13 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Any:
 
     return models.load(
         PodSettings(
-            model=model, device=device, dtype=dtype, warmup=False, compile="off", fuse_projections=False
+            model=model,
+            device=device,
+            dtype=dtype,
+            warmup=False,
+            compile="off",
+            fuse_projections=False,
+            attention="sdpa",
         )
     ).text2img
 

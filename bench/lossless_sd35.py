@@ -9,6 +9,8 @@ each, the max / mean absolute difference of the decoded images from eager on the
 * ``blocks`` -- the pod's lossless tier today (the reference for the others);
 * ``blocks-flash`` / ``blocks-cudnn`` -- the same with SDPA forced to one fused kernel *inside the
   transformer only* (the text encoders' masked attention takes neither);
+* ``blocks-fa4`` / ``whole-fa4`` -- the same with the fused joint attentions on FlashAttention-4
+  (``flash-attn-4`` installed), as the pod's ``--attention fa4`` does;
 * ``whole`` -- the whole transformer compiled as one graph instead of block by block (fusion
   across block boundaries, no Python between blocks);
 * ``whole-graphs`` / ``blocks-graphs`` -- the same in ``mode="reduce-overhead"`` (CUDA graphs:
@@ -18,7 +20,12 @@ each, the max / mean absolute difference of the decoded images from eager on the
 
 Then the text encoders (CLIP-L, CLIP-G, T5-XXL), which run once per request: eager, with the
 empty negative prompt's embeddings computed once and reused (they never change), and with the
-encoders compiled. Last, ``torch.profiler`` over one compiled CFG call, CUDA time by kernel kind.
+encoders compiled. Last, ``torch.profiler`` over one compiled CFG call, CUDA time by kernel kind
+(``--profile-attention fa4``: with FlashAttention-4).
+
+``--kernels`` first times the attention kernels alone at the transformer's two shapes (CFG batch 2,
+24 heads of 64, 4,429 joint and 4,096 image tokens): each SDPA backend, and FlashAttention-4 where
+installed, in TFLOP/s, with each one's largest difference from float32 attention.
 
     python -m bench.lossless_sd35 [--variants blocks,whole,...] [--batch-sizes 1,4]
     python -m bench.lossless_sd35 --arch sd3-tiny --device cpu --size 64 --steps 2 --repeats 1  # smoke
@@ -111,9 +118,19 @@ def diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, float]:
 
 @contextmanager
 def attention(transformer: Any, backend: str | None) -> Iterator[None]:
-    """SDPA forced to ``backend`` around the transformer's calls only."""
+    """SDPA forced to ``backend`` around the transformer's calls only; ``fa4``: the fused joint
+    attentions on FlashAttention-4, as the pod's ``--attention fa4`` does."""
+    from imagefleet.inference_pod import acceleration as acc
+
     if backend is None:
         yield
+        return
+    if backend == "fa4":
+        acc.use_attention(transformer, "fa4")
+        try:
+            yield
+        finally:
+            acc.use_attention(transformer, "sdpa")
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -150,6 +167,9 @@ def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
     inductor.freezing = False
     inductor.coordinate_descent_tuning = False
     base, _, extra = variant.partition("-")
+    # A backend forced from outside the compiled blocks is not part of their graphs: with the FX
+    # graph cache on, a forced variant would get the code compiled for the default backend.
+    inductor.fx_graph_cache = extra not in ("flash", "cudnn")
     graphs = extra == "graphs"
     mode = "reduce-overhead" if graphs else None
     if extra == "freeze":
@@ -162,8 +182,61 @@ def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
         transformer.forward = torch.compile(transformer.forward, dynamic=False, mode=mode)
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    backend = extra if extra in ("flash", "cudnn") else None
+    backend = extra if extra in ("flash", "cudnn", "fa4") else None
     return backend, graphs
+
+
+def kernels(device: str, repeats: int = 20) -> Iterator[dict[str, Any]]:
+    """Each attention kernel alone at the transformer's shapes: TFLOP/s and difference from fp32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from imagefleet.inference_pod import acceleration as acc
+
+    F = torch.nn.functional
+
+    def sdpa(backend: SDPBackend) -> Callable[..., torch.Tensor]:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return run
+
+    def fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return acc.attend_fa4(q, k, v).transpose(1, 2)
+
+    runs: dict[str, Callable[..., torch.Tensor]] = {
+        "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "fa4": fa4,
+    }
+    for tokens in (4429, 4096):
+        g = torch.Generator(device).manual_seed(0)
+        q, k, v = (
+            torch.randn(2, 24, tokens, 64, device=device, generator=g, dtype=torch.bfloat16) for _ in "qkv"
+        )
+        exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        flops = 4 * 2 * 24 * tokens * tokens * 64
+        for name, run in runs.items():
+            # FlashAttention-4 takes tokens before heads
+            args = tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)) if name == "fa4" else (q, k, v)
+            try:
+                out = run(*args)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    run(*args)
+                torch.cuda.synchronize()
+                seconds = (time.perf_counter() - start) / repeats
+                yield {
+                    "kernel": name,
+                    "tokens": tokens,
+                    "ms": round(seconds * 1e3, 3),
+                    "tflops": round(flops / seconds / 1e12, 1),
+                    "max_abs_diff_fp32": float((out.float() - exact).abs().max()),
+                }
+            except Exception as exc:  # a kernel that does not run here is a result too
+                yield {"kernel": name, "tokens": tokens, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def encoders(setup: Setup, pipe: Any, batches: list[int], repeats: int) -> list[dict[str, Any]]:
@@ -244,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=prof.STEPS)
     parser.add_argument("--no-encoders", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile-attention", choices=("sdpa", "fa4"), default="sdpa")
+    parser.add_argument("--kernels", action="store_true", help="time the attention kernels alone first")
     args = parser.parse_args(argv)
     from imagefleet.inference_pod import acceleration as acc
 
@@ -256,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         prof.emit(record)
         rows.append(record)
 
+    if args.kernels and args.device == "cuda":
+        for record in kernels(args.device):
+            prof.emit({"event": "kernel", **record})
     start = time.perf_counter()
     pipe = setup.build()
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -295,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         for record in encoders(setup, pipe, [int(b) for b in args.encoder_batches.split(",")], args.repeats):
             prof.emit({"event": "encoder", **record})
     if not args.no_profile and args.device == "cuda":
-        setup.latents(pipe, 0)
-        prof.emit({"event": "transformer_compiled_blocks", **prof.transformer_breakdown(pipe)})
+        backend = "fa4" if args.profile_attention == "fa4" else None
+        with attention(transformer, backend):
+            setup.latents(pipe, 0)
+            breakdown = prof.transformer_breakdown(pipe)
+        prof.emit({"event": "transformer_compiled_blocks", "attention": args.profile_attention, **breakdown})
 
     eager = {r["batch"]: r["s_per_image"] for r in rows if r["variant"] == "eager"}
     blocks = {r["batch"]: r["s_per_image"] for r in rows if r["variant"] == "blocks"}

@@ -206,6 +206,12 @@ class PodSettings(HttpServerSettings):
     compile_cache_dir: str | None = setting(
         None, "directory keeping compiled code across restarts (Kubernetes: on the model-cache volume)"
     )
+    attention: str = setting(
+        "auto",
+        "attention kernel in the denoiser: auto (FlashAttention-4 where flash-attn-4 is installed, on "
+        "Hopper or Blackwell) | fa4 (required: the pod fails at start without it) | sdpa (PyTorch's dispatch)",
+        choices=("auto", "fa4", "sdpa"),
+    )
     fuse_projections: bool = setting(True, "one matrix product for query, key and value (SD3 family)")
     tiers: str = setting(
         "lossless",

@@ -7,6 +7,8 @@ Lossless (the same maths as eager, up to bf16 rounding):
   ``fuse_qkv_projections`` installs ``FusedJointAttnProcessor2_0`` everywhere, which drops the
   RMS norms of query and key (SD3.5) and fails on the image-only second attention of SD3.5's dual
   blocks; :class:`FusedJointAttention` keeps both.
+* :func:`use_attention` -- the fused attentions on FlashAttention-4 (exact attention, a faster
+  kernel on Hopper and Blackwell) where the ``flash-attn-4`` package is installed.
 * :func:`compile_blocks` -- ``torch.compile`` of each repeated transformer block (regional
   compilation: identical blocks share one compiled graph, so the first call compiles a few graphs,
   not a whole model), ``fullgraph=True, dynamic=False``. The compiled function replaces the
@@ -48,6 +50,7 @@ class Acceleration:
     compiled_decoder: bool = False
     compile_mode: str | None = None
     step_cache: bool = False
+    attention: str = "sdpa"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class Acceleration:
             "compiled_blocks": self.compiled_blocks,
             "compiled_decoder": self.compiled_decoder,
             "compile_mode": self.compile_mode,
+            "attention": self.attention,
         }
 
 
@@ -80,7 +84,12 @@ class FusedJointAttention:
     Line for line the same computation as diffusers' processor (norms of query and key included),
     reading ``to_qkv`` / ``to_added_qkv`` made by ``Attention.fuse_projections``. Handles both the
     joint attention (text stream present) and the image-only second attention of dual blocks.
+    ``kernel`` (:func:`use_attention`): ``sdpa``, PyTorch's dispatch, or ``fa4``, FlashAttention-4
+    on tensors laid out tokens before heads (no transposes).
     """
+
+    def __init__(self, kernel: str = "sdpa") -> None:
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -92,22 +101,30 @@ class FusedJointAttention:
         **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
-        query, key, value = _heads(attn, attn.to_qkv(hidden_states), batch)
+        tokens_first = self.kernel == "fa4"
+        query, key, value = _heads(attn, attn.to_qkv(hidden_states), batch, tokens_first)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:
-            c_query, c_key, c_value = _heads(attn, attn.to_added_qkv(encoder_hidden_states), batch)
+            c_query, c_key, c_value = _heads(
+                attn, attn.to_added_qkv(encoder_hidden_states), batch, tokens_first
+            )
             if attn.norm_added_q is not None:
                 c_query = attn.norm_added_q(c_query)
             if attn.norm_added_k is not None:
                 c_key = attn.norm_added_k(c_key)
-            query = torch.cat([query, c_query], dim=2)
-            key = torch.cat([key, c_key], dim=2)
-            value = torch.cat([value, c_value], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
+            tokens = 1 if tokens_first else 2
+            query = torch.cat([query, c_query], dim=tokens)
+            key = torch.cat([key, c_key], dim=tokens)
+            value = torch.cat([value, c_value], dim=tokens)
+        if tokens_first:
+            out = attend_fa4(query, key, value)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2)
+        out = out.reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
         if encoder_hidden_states is not None:
             out, context = out[:, :image_tokens], out[:, image_tokens:]
             if not attn.context_pre_only:
@@ -118,9 +135,17 @@ class FusedJointAttention:
         return result
 
 
-def _heads(attn: Any, qkv: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _heads(
+    attn: Any, qkv: torch.Tensor, batch: int, tokens_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of a fused projection: (batch, heads, tokens, head_dim), or with
+    ``tokens_first`` (batch, tokens, heads, head_dim)."""
     head_dim = qkv.shape[-1] // 3 // attn.heads
-    q, k, v = qkv.view(batch, -1, 3 * attn.heads, head_dim).transpose(1, 2).chunk(3, dim=1)
+    split = qkv.view(batch, -1, 3 * attn.heads, head_dim)
+    if tokens_first:
+        q, k, v = split.chunk(3, dim=2)
+    else:
+        q, k, v = split.transpose(1, 2).chunk(3, dim=1)
     return q, k, v
 
 
@@ -145,6 +170,79 @@ def fuse_qkv(denoiser: nn.Module) -> int:
         module.set_processor(FusedJointAttention())
         fused += 1
     return fused
+
+
+# --- attention kernel --------------------------------------------------------------------------
+
+
+def fa4_unavailable(device: str) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device`` in this process; ``None`` when it can."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return "it needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major not in (9, 10):
+        return f"it needs compute capability 9.x or 10.x (Hopper, Blackwell); this device is {major}.{minor}"
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception as exc:  # not installed, or its CuTe DSL runtime does not load
+        return f"flash-attn-4 does not import ({type(exc).__name__}: {exc}); install imagefleet[fa4]"
+    return None
+
+
+def choose_attention(setting: str, device: str) -> str:
+    """The attention kernel for ``--attention``: ``fa4`` or ``sdpa`` (PyTorch's own dispatch).
+
+    ``auto`` takes FlashAttention-4 where it runs; ``fa4`` insists on it (a pod that cannot have it
+    fails at start with the reason); ``sdpa`` never uses it.
+    """
+    if setting == "sdpa":
+        return "sdpa"
+    why = fa4_unavailable(device)
+    if why is None:
+        return "fa4"
+    if setting == "fa4":
+        raise ValueError(f"attention fa4 was asked for, but {why}")
+    log.info("attention: PyTorch's SDPA dispatch (FlashAttention-4 not used: %s)", why)
+    return "sdpa"
+
+
+def use_attention(denoiser: nn.Module, kernel: str) -> int:
+    """Run the fused joint attentions of ``denoiser`` on ``kernel``; returns how many.
+
+    Only :class:`FusedJointAttention` has a choice (its layout is the one FlashAttention takes,
+    tokens before heads); another denoiser keeps PyTorch's SDPA.
+    """
+    count = 0
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, FusedJointAttention):
+            processor.kernel = kernel
+            count += 1
+    return count
+
+
+def attend_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Exact attention by FlashAttention-4, tokens before heads: (batch, tokens, heads, head_dim)."""
+    out: torch.Tensor = _fa4_op()(query, key, value)
+    return out
+
+
+@functools.cache
+def _fa4_op() -> Any:
+    """FlashAttention-4's forward as a PyTorch operator: opaque to ``torch.compile``, which calls it
+    between the fused kernels of a compiled block."""
+    from flash_attn.cute.interface import flash_attn_func
+
+    @torch.library.custom_op("imagefleet::fa4_attention", mutates_args=())
+    def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = flash_attn_func(query, key, value)[0]
+        return out
+
+    @fa4_attention.register_fake
+    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+    return fa4_attention
 
 
 # --- compilation -------------------------------------------------------------------------------

@@ -185,6 +185,13 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         acceleration.use_compile_cache(settings.compile_cache_dir)
         compiled = acceleration.compile_blocks(denoiser)
         decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
+    kernel = acceleration.choose_attention(settings.attention, device)
+    if kernel == "fa4" and not acceleration.use_attention(denoiser, kernel):
+        if settings.attention == "fa4":
+            raise ValueError(
+                f"attention fa4 runs the fused joint attention of SD3-family transformers; {settings.model} has none"
+            )
+        kernel = "sdpa"
     step_cache = None
     if "fast" in settings.tiers.split(","):
         if not StepCache.supported(denoiser):
@@ -203,6 +210,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         compiled_decoder=decoder,
         compile_mode="default" if compiled else None,
         step_cache=step_cache is not None,
+        attention=kernel,
     )
     return accel, step_cache
 

@@ -39,3 +39,16 @@ def test_a_model_that_fails_to_load_says_why() -> None:
         status, body = pod.generate()
         assert status == 503
         assert body["error"]["code"] == "load_failed" and "/nonexistent/model/dir" in body["error"]["message"]
+
+
+def test_a_pod_told_to_use_flashattention_4_where_it_cannot_says_why_and_stays_alive() -> None:
+    s = settings_mod.load(PodSettings, env={}, model="tiny", attention="fa4")
+    with ServerThread(lambda: create_app(s)) as server:
+        wait_until(
+            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
+        )
+        pod = Pod(server)
+        assert pod.request("GET", "/healthz")[0] == 200
+        status, body = pod.generate()
+        assert status == 503 and body["error"]["code"] == "load_failed"
+        assert "attention fa4 was asked for, but it needs a CUDA device" in body["error"]["message"]

@@ -33,6 +33,7 @@ def test_the_fast_tier_is_opt_in_and_every_response_says_which_tier_made_it(make
     (entry,) = pod.request("GET", "/v1/models")[2]["data"]
     assert entry["tiers"] == ["lossless", "fast"]
     assert entry["acceleration"]["fused_attentions"] == 5 and entry["acceleration"]["compiled_blocks"] == 0
+    assert entry["acceleration"]["attention"] == "sdpa"  # FlashAttention-4 runs on Hopper and Blackwell only
     (info,) = parse(pod.metrics()).select(m.POD_MODEL_INFO + "_info")
     assert info.labels["tiers"] == "lossless,fast" and info.labels["compiled"] == "false"
 

@@ -126,3 +126,43 @@ def test_the_threshold_rule_skips_only_when_the_first_block_barely_changes(pipe:
             assert counter.calls == full == cache.full_steps
         finally:
             cache.remove()
+
+
+# --- attention kernel --------------------------------------------------------------------------
+
+
+def test_attention_auto_falls_back_to_sdpa_and_fa4_names_what_it_lacks() -> None:
+    assert acceleration.choose_attention("sdpa", "cpu") == "sdpa"
+    assert acceleration.choose_attention("auto", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match=r"attention fa4 was asked for, but it needs a CUDA device"):
+        acceleration.choose_attention("fa4", "cpu")
+
+
+def test_the_fa4_path_lays_tokens_before_heads_and_computes_what_sdpa_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FlashAttention-4 runs on Hopper and Blackwell only; here an exact attention with its calling
+    # convention, (batch, tokens, heads, head_dim) in and out, stands in for the kernel
+    calls: list[tuple[int, ...]] = []
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(query.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        )
+        return out.transpose(1, 2).contiguous()
+
+    monkeypatch.setattr(acceleration, "attend_fa4", attend)
+    model = transformer()
+    assert acceleration.use_attention(model, "fa4") == 0  # nothing fused yet: nothing to switch
+    fused = acceleration.fuse_qkv(model)
+    reference = call(model)
+    assert acceleration.use_attention(model, "fa4") == fused
+    out = call(model)
+    assert len(calls) == fused
+    heads = model.config.num_attention_heads
+    # the joint attentions see image and text tokens together (64 + 10), tokens before heads
+    assert (2, 64 + 10, heads, model.config.attention_head_dim) in calls
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    acceleration.use_attention(model, "sdpa")
+    assert torch.equal(call(model), reference) and len(calls) == fused

@@ -22,6 +22,8 @@ out=${OUT:-$repo/.out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$site
+# pip --target runs no .pth file: this is the folder the CuTe DSL's adds (FlashAttention-4, install_fa4.sh)
+[ -d "$site/nvidia_cutlass_dsl/dsl_packages" ] && export PYTHONPATH=$site:$site/nvidia_cutlass_dsl/dsl_packages
 export BENCH_LOG_DIR=/tmp/imagefleet-pod-logs
 mkdir -p "$BENCH_LOG_DIR"
 
