@@ -221,28 +221,22 @@ def use_attention(denoiser: nn.Module, kernel: str) -> int:
     return count
 
 
+@torch.library.custom_op("imagefleet::fa4_attention", mutates_args=())
 def attend_fa4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Exact attention by FlashAttention-4, tokens before heads: (batch, tokens, heads, head_dim)."""
-    out: torch.Tensor = _fa4_op()(query, key, value)
+    """Exact attention by FlashAttention-4, tokens before heads: (batch, tokens, heads, head_dim).
+
+    A PyTorch operator, so ``torch.compile`` calls it between the fused kernels of a compiled block
+    without tracing into it; flash-attn-4 is imported on the first call.
+    """
+    from flash_attn.cute.interface import flash_attn_func
+
+    out: torch.Tensor = flash_attn_func(query, key, value)[0]
     return out
 
 
-@functools.cache
-def _fa4_op() -> Any:
-    """FlashAttention-4's forward as a PyTorch operator: opaque to ``torch.compile``, which calls it
-    between the fused kernels of a compiled block."""
-    from flash_attn.cute.interface import flash_attn_func
-
-    @torch.library.custom_op("imagefleet::fa4_attention", mutates_args=())
-    def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = flash_attn_func(query, key, value)[0]
-        return out
-
-    @fa4_attention.register_fake
-    def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return query.new_empty((*query.shape[:-1], value.shape[-1]))
-
-    return fa4_attention
+@attend_fa4.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
 # --- compilation -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from imagefleet.inference_pod.routes import setup_routes
 from imagefleet.inference_pod.scheduler import Scheduler
 from imagefleet.inference_pod.service import ImageService
 from imagefleet.inference_pod.state import METRICS, RUNTIME, LoadFailed, PodRuntime, Serving
-from imagefleet.inference_pod.warmup import warm_up
+from imagefleet.inference_pod.warmup import WarmupFailed, warm_up
 from imagefleet.schema import Limits, model_defaults
 from imagefleet.settings import PodSettings
 
@@ -129,15 +129,20 @@ async def bring_up(rt: PodRuntime, preloaded: models.LoadedModel | None) -> None
     )
     warmup_s = 0.0
     if settings.warmup:
-        warmup_s = await warm_up(
-            scheduler,
-            run_batch,
-            rt.gpu,
-            defaults,
-            settings.max_batch_size,
-            sizes=settings.warmup_size_list(),
-            compiled=model.acceleration.compiled_blocks > 0,
-        )
+        try:
+            warmup_s = await warm_up(
+                scheduler,
+                run_batch,
+                rt.gpu,
+                defaults,
+                settings.max_batch_size,
+                sizes=settings.warmup_size_list(),
+                compiled=model.acceleration.compiled_blocks > 0,
+            )
+        except WarmupFailed as exc:
+            log.error("Not serving %s: %s", info.id, exc)
+            rt.status = LoadFailed(str(exc)[:500])
+            return
     scheduler.start()
     service = ImageService(
         info=info, defaults=defaults, limits=limits, scheduler=scheduler, cpu=rt.cpu, watches=watches

@@ -11,6 +11,10 @@ A compiled pipeline (:mod:`.acceleration`) has static shapes: each (size, batch 
 its first call. Before timing, the warm-up runs every batch size from 1 to the largest at every
 size of ``--warmup-sizes`` (2 steps each: the graphs do not depend on the step count), so no
 request at those sizes pays for a compilation. With the compile cache warm this takes seconds.
+
+A warm-up call that makes no image (the pipeline raised on its own prompt, or the device failed)
+means every request would fail the same way: :class:`WarmupFailed`, and the pod reports the
+load as failed instead of turning ready.
 """
 
 from __future__ import annotations
@@ -22,12 +26,30 @@ from concurrent.futures import Executor
 
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.scheduler import Scheduler
-from imagefleet.inference_pod.worker import BatchRun, RunBatch
+from imagefleet.inference_pod.worker import BatchRun, Outcome, RunBatch, SampleFailed
 from imagefleet.schema import TIERS, Defaults
 
 log = logging.getLogger(__name__)
 
 PROMPT = "warm-up"
+
+
+class WarmupFailed(RuntimeError):
+    """A warm-up call made no image: the pipeline cannot serve (the pod log has the traceback)."""
+
+
+def check(outcome: Outcome, size: tuple[int, int], batch: int) -> None:
+    """Raise :class:`WarmupFailed` unless the warm-up call made at least one image."""
+    if outcome.error is None and not all(isinstance(r, SampleFailed) for r in outcome.results):
+        return
+    error = outcome.error or next(
+        (r.__cause__ or r for r in outcome.results if isinstance(r, SampleFailed)), None
+    )
+    why = f"{type(error).__name__}: {str(error)[:300]}"
+    raise WarmupFailed(
+        f"the warm-up made no image at {size[0]}x{size[1]}, batch {batch} ({why}); "
+        "the pod log has the traceback"
+    )
 
 
 def warmup_key(
@@ -56,9 +78,7 @@ async def compile_shapes(
             shape_started = time.monotonic()
             samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(batch)]
             outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=key, samples=samples))
-            if outcome.error is not None:
-                log.warning("Compiling %dx%d at batch %d failed: %s", *size, batch, outcome.error)
-                break
+            check(outcome, size, batch)
             log.info("Compiled %dx%d at batch %d in %.1f s", *size, batch, time.monotonic() - shape_started)
     return time.monotonic() - started
 
@@ -88,9 +108,7 @@ async def warm_up(
     for i, (run_key, size) in enumerate(runs):
         samples = [Sample(run_key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(size)]
         outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=run_key, samples=samples))
-        if outcome.error is not None:
-            log.warning("Warm-up batch of %d failed: %s", size, outcome.error)
-            return time.monotonic() - started
+        check(outcome, (run_key.width, run_key.height), size)
         if i == 0:  # the first run pays for lazy initialisation; learn nothing from its time
             outcome.timings.clear()
         scheduler.learn(run_key, outcome)

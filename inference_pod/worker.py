@@ -220,7 +220,9 @@ def _run_split(model: LoadedModel, run: BatchRun, indices: list[int], outcome: O
         outcome.retried.append(error_kind(exc))
         if len(indices) == 1:
             log.exception("The pipeline failed on one sample alone (request %s)", samples[0].job_id)
-            outcome.results[indices[0]] = SampleFailed("pipeline", GENERIC_FAILURE)
+            failed = SampleFailed("pipeline", GENERIC_FAILURE)
+            failed.__cause__ = exc  # for the log's readers and the warm-up's report, never a client
+            outcome.results[indices[0]] = failed
             return
         log.warning(
             "A batch of %d failed (%s: %s); retrying its samples one by one (requests %s)",

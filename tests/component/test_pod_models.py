@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from imagefleet import settings as settings_mod
-from imagefleet.inference_pod import tiny
+from imagefleet.inference_pod import models, tiny
 from imagefleet.inference_pod.app import create_app
 from imagefleet.settings import PodSettings
 from imagefleet.testing.servers import ServerThread, get_json, wait_until
@@ -52,3 +52,26 @@ def test_a_pod_told_to_use_flashattention_4_where_it_cannot_says_why_and_stays_a
         status, body = pod.generate()
         assert status == 503 and body["error"]["code"] == "load_failed"
         assert "attention fa4 was asked for, but it needs a CUDA device" in body["error"]["message"]
+
+
+def test_a_pipeline_that_fails_its_warm_up_is_a_failed_load_not_a_ready_pod() -> None:
+    s = settings_mod.load(PodSettings, env={}, model="tiny", max_batch_size=2)
+    model = models.load(s)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the denoiser cannot run here")
+
+    model.text2img.unet.forward = broken
+    with ServerThread(lambda: create_app(s, model=model)) as server:
+        wait_until(
+            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
+        )
+        pod = Pod(server)
+        assert pod.request("GET", "/healthz")[0] == 200
+        status, body = pod.generate()
+        assert status == 503 and body["error"]["code"] == "load_failed"
+        message = body["error"]["message"]
+        assert (
+            "the warm-up made no image at 64x64, batch 1 (RuntimeError: the denoiser cannot run here)"
+            in message
+        )
