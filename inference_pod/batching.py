@@ -10,8 +10,8 @@ Pure and synchronous; :class:`~.batchstate.BatchState` owns one :class:`Queue` a
   queueing on estimated GPU-seconds (so large shapes cannot starve small ones), oldest first
   within it, up to ``max_batch_size`` samples or the smaller cap :func:`curve_cap` reads from the
   measured cost curve;
-* its size and any wait come from :func:`plan`: with the GPU busy most of the time (sustained
-  load) batches are as large as allowed, since that maximises throughput; under light load a
+* its size and any wait come from :func:`plan`: with the GPU busy most of the time, or more
+  samples of the key queued than a full batch (sustained load), batches are as large as allowed, since that maximises throughput; under light load a
   batch is formed only where it lowers the mean completion time of the queued samples, and a
   lone request never waits for company that the measured cost curve says buys little.
 """
@@ -289,9 +289,10 @@ def plan(
 ) -> Plan:
     """Decide the size of the next batch of one key, and whether to wait for it to fill.
 
-    ``queued`` samples of the key are waiting; ``batch_seconds(b)`` is the learned time of a batch
-    of ``b`` (None while unknown); ``utilisation`` is the recent GPU demand at batch size 1 (1.0 =
-    the GPU would be busy all the time without batching); ``arrivals_per_s`` counts recent samples
+    ``queued`` samples of the key are waiting (more than ``max_batch`` counts as sustained load,
+    whatever ``utilisation`` says); ``batch_seconds(b)`` is the learned time of a batch of ``b``
+    (None while unknown); ``utilisation`` is the recent GPU demand at batch size 1 (1.0 = the GPU
+    would be busy all the time without batching); ``arrivals_per_s`` counts recent samples
     of this key per second; ``since_last_arrival_s`` is the time since the newest queued sample.
     ``fill`` (the ``fill`` batch policy) always batches as many samples as allowed; ``fixed`` (the
     ``fixed`` policy, classic dynamic batching) also waits for a full batch until the oldest sample
@@ -307,7 +308,9 @@ def plan(
         return Plan(limit)
     t1, tk = batch_seconds(1), batch_seconds(limit)
     size = limit
-    busy = fill or utilisation >= SATURATION
+    # Sustained load: the recent demand says so, or the queue already holds more than a full
+    # batch (a burst the demand windows, which still hold the idle time before it, lag behind).
+    busy = fill or utilisation >= SATURATION or queued > max_batch
     # Light load: batch only where it beats running the samples one after another on mean
     # completion time (all k finish at t(k), versus t(1), 2 t(1), ... k t(1)).
     if not busy and limit > 1 and t1 is not None and tk is not None and tk > t1 * (limit + 1) / 2:

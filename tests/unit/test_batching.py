@@ -138,6 +138,13 @@ def test_light_load_batches_when_overhead_dominates() -> None:
     assert decide(3, UNET, utilisation=0.3) == Plan(3)
 
 
+def test_a_backlog_of_more_than_a_full_batch_is_sustained_load_before_the_demand_says_so() -> None:
+    # a burst on an idle pod: the 30 s demand window still holds the idle time before it
+    assert decide(7, DIT, utilisation=0.3) == Plan(4)
+    assert decide(5, DIT, utilisation=0.3) == Plan(4)
+    assert decide(4, DIT, utilisation=0.3) == Plan(1)  # one full batch: the light-load rule decides
+
+
 def test_sustained_load_fills_batches_even_when_the_gain_is_small() -> None:
     assert decide(4, DIT, utilisation=1.2) == Plan(4)
     assert decide(9, DIT, utilisation=1.2) == Plan(4)
