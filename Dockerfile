@@ -46,8 +46,10 @@ ENV PATH=/opt/imagefleet/bin:$PATH
 # torch first (the large layer changes least often), then the project with its pod extras.
 ARG TORCH_VERSION=2.11.0
 RUN pip install "torch==${TORCH_VERSION}"
+# POD_EXTRAS=pod leaves FlashAttention-4 out (pods then use PyTorch's attention kernels).
+ARG POD_EXTRAS=pod,fa4
 COPY --from=wheel /wheels /wheels
-RUN whl=$(ls /wheels/imagefleet-*.whl) && pip install "${whl}[pod]" && rm -rf /wheels \
+RUN whl=$(ls /wheels/imagefleet-*.whl) && pip install "${whl}[${POD_EXTRAS}]" && rm -rf /wheels \
  && useradd --no-create-home --uid 10001 imagefleet && mkdir -p /models && chown 10001 /models
 USER 10001
 VOLUME ["/models"]

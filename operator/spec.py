@@ -35,6 +35,7 @@ POD_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("acceleration", "compile"), "compile"),
     (("acceleration", "tiers"), "tiers"),
     (("acceleration", "fastInterval"), "fast_interval"),
+    (("acceleration", "attention"), "attention"),
     (("acceleration", "warmupSizes"), "warmup_sizes"),
     (("defaults", "steps"), "default_steps"),
     (("defaults", "guidance"), "default_guidance"),

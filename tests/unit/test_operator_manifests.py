@@ -60,6 +60,12 @@ def test_the_batching_mode_and_policy_reach_the_pod_command() -> None:
     )
 
 
+def test_the_attention_kernel_reaches_the_pod_command() -> None:
+    g = parse(generator(acceleration={"attention": "sdpa"}), OP)
+    command = container(manifests.inference_pod(g, OP, slot=0))["command"]
+    assert settings.load(PodSettings, cli.build_parser().parse_args(command[1:]), env={}).attention == "sdpa"
+
+
 def test_each_pod_asks_for_exactly_one_gpu_of_the_named_resource() -> None:
     g = parse(generator(gpuResourceName="amd.com/gpu", resources={"requests": {"cpu": "4"}}), OP)
     resources = container(manifests.inference_pod(g, OP, 0))["resources"]
