@@ -10,7 +10,8 @@ each, the max / mean absolute difference of the decoded images from eager on the
 * ``blocks-flash`` / ``blocks-cudnn`` -- the same with SDPA forced to one fused kernel *inside the
   transformer only* (the text encoders' masked attention takes neither);
 * ``blocks-fa4`` / ``whole-fa4`` -- the same with the fused joint attentions on FlashAttention-4
-  (``flash-attn-4`` installed), as the pod's ``--attention fa4`` does;
+  (``flash-attn-4`` installed), as the pod's ``--attention fa4`` does; suffixes combine
+  (``whole-graphs-fa4``);
 * ``whole`` -- the whole transformer compiled as one graph instead of block by block (fusion
   across block boundaries, no Python between blocks);
 * ``whole-graphs`` / ``blocks-graphs`` -- the same in ``mode="reduce-overhead"`` (CUDA graphs:
@@ -166,23 +167,24 @@ def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
 
     inductor.freezing = False
     inductor.coordinate_descent_tuning = False
-    base, _, extra = variant.partition("-")
+    base, *extras = variant.split("-")
     # A backend forced from outside the compiled blocks is not part of their graphs: with the FX
     # graph cache on, a forced variant would get the code compiled for the default backend.
-    inductor.fx_graph_cache = extra not in ("flash", "cudnn")
-    graphs = extra == "graphs"
+    inductor.fx_graph_cache = not {"flash", "cudnn"} & set(extras)
+    graphs = "graphs" in extras
     mode = "reduce-overhead" if graphs else None
-    if extra == "freeze":
+    if "freeze" in extras:
         inductor.freezing = True
         inductor.coordinate_descent_tuning = True
+    unknown = set(extras) - {"graphs", "freeze", "flash", "cudnn", "fa4"}
+    if unknown or base not in ("blocks", "whole"):
+        raise ValueError(f"unknown variant {variant!r}")
     if base == "blocks":
         acc.compile_blocks(transformer, mode=mode)
-    elif base == "whole":
+    else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         transformer.forward = torch.compile(transformer.forward, dynamic=False, mode=mode)
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-    backend = extra if extra in ("flash", "cudnn", "fa4") else None
+    backend = next((e for e in extras if e in ("flash", "cudnn", "fa4")), None)
     return backend, graphs
 
 
