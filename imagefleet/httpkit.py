@@ -6,7 +6,8 @@ method, body too large), a body could not be decoded (``Content-Encoding`` that 
 the bytes: 400), or a bug raised anything else (500, generic message, traceback logged).
 Requests aiohttp cannot parse at all are answered by :mod:`imagefleet.edge`.
 
-Request bodies are read with :func:`read_body`: a declared ``Content-Length`` above the limit is
+Request bodies are read with :func:`read_body` (or piece by piece, a multipart form, inside
+:func:`arriving`, each total passed to :func:`hold`): a declared ``Content-Length`` above the limit is
 a 413 before any byte is read (:func:`edge_middleware`, for every route), a body that stops
 arriving for ``body_timeout_s`` is a 408, and the bytes every request in flight holds count
 against one budget per server (``max_buffered_bytes``; 503 with Retry-After beyond it).
@@ -15,9 +16,10 @@ against one budget per server (``max_buffered_bytes``; 503 with Retry-After beyo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -132,31 +134,44 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within the size limit, the inactivity timeout and the shared budget."""
-    state = edge_state(request.app)
-    limits = state.limits
-    declared = request.content_length or 0
-    if declared > limits.max_body_bytes:
-        raise PayloadTooLarge(f"The request body exceeds the limit of {limits.max_body_bytes} bytes.")
-    _reserve(request, state, declared)
+    hold(request, request.content_length or 0)
     chunks: list[bytes] = []
     total = 0
     while True:
-        try:
-            async with asyncio.timeout(limits.body_timeout_s):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            state.count("body_timeout")
-            raise RequestTimeout(
-                f"The request body stopped arriving for {limits.body_timeout_s:g} s.", code="body_timeout"
-            ) from None
+        async with arriving(request):
+            chunk = await request.content.readany()
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
-        if total > limits.max_body_bytes:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limits.max_body_bytes} bytes.")
-        if total > request.get(_RESERVED, 0):
-            _reserve(request, state, total - request.get(_RESERVED, 0))
+        hold(request, total)
         chunks.append(chunk)
+
+
+@contextlib.asynccontextmanager
+async def arriving(request: web.Request) -> AsyncIterator[None]:
+    """Around a read of the body: 408 (``body_timeout``) when nothing arrives for the limit."""
+    state = edge_state(request.app)
+    timeout = state.limits.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        state.count("body_timeout")
+        raise RequestTimeout(
+            f"The request body stopped arriving for {timeout:g} s.", code="body_timeout"
+        ) from None
+
+
+def hold(request: web.Request, total: int) -> None:
+    """``total`` bytes of this request's body read (or declared) so far: 413 past the size limit,
+    and held against the server's shared budget (503 ``server_busy`` when it is spent) until the
+    request ends."""
+    state = edge_state(request.app)
+    if total > state.limits.max_body_bytes:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {state.limits.max_body_bytes} bytes.")
+    more = total - request.get(_RESERVED, 0)
+    if more > 0:
+        _reserve(request, state, more)
 
 
 def _reserve(request: web.Request, state: EdgeState, nbytes: int) -> None:

@@ -1,6 +1,7 @@
 """Reading the multipart body of ``POST /v1/images/edits``: text fields and file parts.
 
-Streamed part by part within the body size limit; only the fields the request table declares
+Streamed part by part within the body size limit, the inactivity timeout and the server's shared
+body budget (:func:`imagefleet.httpkit.arriving`, :func:`~imagefleet.httpkit.hold`); only the fields the request table declares
 for edits (:data:`imagefleet.schema.EDIT_FIELDS`, :data:`~imagefleet.schema.EDIT_FILE_FIELDS`)
 are accepted, and a malformed body is a 400, never a 500.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from imagefleet.errors import InvalidRequest, PayloadTooLarge
+from imagefleet import httpkit
+from imagefleet.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, Unavailable
 from imagefleet.schema import EDIT_FIELDS, EDIT_FILE_FIELDS
 
 CHUNK = 256 * 1024
@@ -21,10 +23,12 @@ async def read_form(request: web.Request, limit: int) -> tuple[dict[str, str], d
     fields: dict[str, str] = {}
     files: dict[str, list[bytes]] = {}
     total = 0
+    httpkit.hold(request, request.content_length or 0)
     try:
         reader = await request.multipart()
         while True:
-            part = await reader.next()
+            async with httpkit.arriving(request):
+                part = await reader.next()
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -35,10 +39,15 @@ async def read_form(request: web.Request, limit: int) -> tuple[dict[str, str], d
                     f"Unknown parameter: '{name[:64]}'.", param=name[:64], code="unknown_parameter"
                 )
             data = bytearray()
-            while chunk := await part.read_chunk(CHUNK):
+            while True:
+                async with httpkit.arriving(request):
+                    chunk = await part.read_chunk(CHUNK)
+                if not chunk:
+                    break
                 total += len(chunk)
                 if total > limit:
                     raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+                httpkit.hold(request, total)
                 data.extend(chunk)
             if name in EDIT_FILE_FIELDS:
                 files.setdefault(name, []).append(bytes(data))
@@ -49,7 +58,7 @@ async def read_form(request: web.Request, limit: int) -> tuple[dict[str, str], d
                 fields[name] = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidRequest(f"{name} is not valid UTF-8 text.", param=name) from None
-    except (InvalidRequest, PayloadTooLarge):
+    except (InvalidRequest, PayloadTooLarge, RequestTimeout, Unavailable):
         raise
     except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise InvalidRequest(f"The multipart body is malformed: {str(exc)[:200]}") from None

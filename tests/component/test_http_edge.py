@@ -280,6 +280,39 @@ def test_a_stalled_body_gets_408(make_router: Callable[..., RouterThread], impat
         assert body["error"]["code"] == "body_timeout"
 
 
+def test_a_stalled_multipart_edit_gets_408_from_the_pod(impatient_pod: Pod) -> None:
+    with connect(impatient_pod.url) as sock:
+        sock.sendall(
+            b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000\r\n\r\n"
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na fox'
+        )
+        status, _, body = response_of(recv_all(sock))
+    assert status == 408
+    assert body["error"]["code"] == "body_timeout"
+    assert impatient_pod.request("GET", "/healthz")[0] == 200
+
+
+def test_multipart_edits_held_on_a_pod_count_against_its_body_budget() -> None:
+    server = serve_pod(max_body_mb=0.01, max_buffered_mb=0.015, body_timeout_s=30)
+    head = b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    try:
+        with connect(server.url) as stalled:
+            stalled.sendall(head + b"Content-Length: 10000\r\n\r\n--b\r\n")  # holds 10,000 bytes
+            time.sleep(0.5)
+            raw = exchange(server.url, head + b"Content-Length: 8000\r\nConnection: close\r\n\r\n--b\r\n")
+            status, headers, body = response_of(raw)
+            assert status == 503 and body["error"]["code"] == "server_busy"
+            assert "retry-after" in headers
+        time.sleep(0.5)  # the stalled upload gave its share back when its connection went
+        empty = b"--b--\r\n"
+        raw = exchange(server.url, head + b"Content-Length: 7\r\nConnection: close\r\n\r\n" + empty)
+        status, _, body = response_of(raw)
+        assert status == 400 and body["error"]["code"] != "server_busy"
+    finally:
+        server.stop()
+
+
 def test_bodies_held_across_requests_are_capped(make_router: Callable[..., RouterThread]) -> None:
     router = make_router(max_body_mb=0.01, max_buffered_mb=0.015, body_timeout_s=30)
     head = b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
