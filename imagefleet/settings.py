@@ -209,7 +209,7 @@ class PodSettings(HttpServerSettings):
     attention: str = setting(
         "auto",
         "attention kernel in the denoiser: auto (FlashAttention-4 where flash-attn-4 is installed, on "
-        "Hopper or Blackwell) | fa4 (required: the pod fails at start without it) | sdpa (PyTorch's dispatch)",
+        "Hopper or Blackwell) | fa4 (required: without it the load fails, with the reason) | sdpa (PyTorch's dispatch)",
         choices=("auto", "fa4", "sdpa"),
     )
     fuse_projections: bool = setting(True, "one matrix product for query, key and value (SD3 family)")
