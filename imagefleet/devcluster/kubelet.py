@@ -7,7 +7,8 @@ preStop hooks, Secret volumes, service accounts) are exercised for real on one m
 **Nodes.** It registers its "process nodes" itself, *without* KWOK's annotation (KWOK keeps only
 the nodes annotated ``kwok.x-k8s.io/node=fake``), with the same labels, capacity and pod range as
 KWOK nodes plus ``imagefleet.dev/node-kind=process``, and keeps them Ready: a Lease in
-``kube-node-lease`` renewed and the Ready condition's heartbeat patched every 10 s. Nodes that
+``kube-node-lease`` renewed and the Ready condition's heartbeat patched every 10 s, and retried
+soon after a failure (0.2 s doubling to 7 s, as the kubelet's lease controller does). Nodes that
 already exist (a restarted kubelet) are adopted.
 
 **Pods.** For every pod bound to one of its nodes (list, then watch; relists after errors, so it
@@ -71,6 +72,21 @@ log = logging.getLogger("imagefleet.devcluster.kubelet")
 
 KUBELET_VERSION = "imagefleet-process"
 LEASE_NAMESPACE = "kube-node-lease"
+HEARTBEAT_RETRY_S = (0.2, 7.0)
+"""After a failed heartbeat: the first retry's delay, doubling up to the second (the kubelet's
+lease controller's backoff)."""
+
+
+def heartbeat_delay(interval_s: float, failures: int) -> float:
+    """Seconds until the next heartbeat after ``failures`` failed ones in a row: the interval while
+    they succeed, else a quick retry, so an apiserver back from an outage sees fresh Leases before
+    the node controller's grace period has run out."""
+    if failures <= 0:
+        return interval_s
+    first, most = HEARTBEAT_RETRY_S
+    return min(interval_s, most, first * 2.0 ** (failures - 1))
+
+
 # Passed on from the kubelet's environment when set: locale, and the Hugging Face cache, so pods
 # share one model cache as they would share a node's volume.
 DEFAULT_INHERITED_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
@@ -330,15 +346,16 @@ class ProcessKubelet:
 
     def _heartbeats(self) -> None:
         failures = 0
-        while not self._stop.wait(self.config.heartbeat_s):
+        while not self._stop.wait(heartbeat_delay(self.config.heartbeat_s, failures)):
+            failed = False
             for node in self._nodes.values():
                 try:
                     self._heartbeat(node)
-                    failures = 0
                 except Exception as err:
-                    failures += 1
-                    if failures <= 3 or failures % 30 == 0:
+                    failed = True
+                    if failures < 3 or failures % 30 == 0:
                         log.warning("heartbeat of node %s failed: %s", node.context.name, err)
+            failures = failures + 1 if failed else 0
 
     # -- pods ------------------------------------------------------------------------------------
 

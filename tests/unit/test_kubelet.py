@@ -809,3 +809,11 @@ def test_process_node_manifest() -> None:
     kwok = nodes.gpu_node("kwok-node-4", 4)
     assert kwok["metadata"]["annotations"][nodes.KWOK_ANNOTATION] == "fake"
     assert kwok["metadata"]["labels"][nodes.NODE_KIND_LABEL] == "kwok"
+
+
+def test_heartbeats_come_every_interval_and_soon_again_after_a_failure() -> None:
+    from imagefleet.devcluster.kubelet import heartbeat_delay
+
+    assert heartbeat_delay(10.0, 0) == 10.0
+    assert [heartbeat_delay(10.0, n) for n in range(1, 8)] == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 7.0]
+    assert heartbeat_delay(0.5, 3) == 0.5  # never later than the interval itself
