@@ -193,7 +193,7 @@ def choose_attention(setting: str, device: str) -> str:
     """The attention kernel for ``--attention``: ``fa4`` or ``sdpa`` (PyTorch's own dispatch).
 
     ``auto`` takes FlashAttention-4 where it runs; ``fa4`` insists on it (a pod that cannot have it
-    fails at start with the reason); ``sdpa`` never uses it.
+    fails its load, with the reason); ``sdpa`` never uses it.
     """
     if setting == "sdpa":
         return "sdpa"

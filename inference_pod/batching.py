@@ -11,9 +11,10 @@ Pure and synchronous; :class:`~.batchstate.BatchState` owns one :class:`Queue` a
   within it, up to ``max_batch_size`` samples or the smaller cap :func:`curve_cap` reads from the
   measured cost curve;
 * its size and any wait come from :func:`plan`: with the GPU busy most of the time, or more
-  samples of the key queued than a full batch (sustained load), batches are as large as allowed, since that maximises throughput; under light load a
-  batch is formed only where it lowers the mean completion time of the queued samples, and a
-  lone request never waits for company that the measured cost curve says buys little.
+  samples of the key queued than a full batch (sustained load), batches are as large as allowed,
+  since that maximises throughput; under light load a batch is formed only where it lowers the
+  mean completion time of the queued samples, and a lone request never waits for company that
+  the measured cost curve says buys little.
 """
 
 from __future__ import annotations

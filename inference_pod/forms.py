@@ -1,9 +1,10 @@
 """Reading the multipart body of ``POST /v1/images/edits``: text fields and file parts.
 
 Streamed part by part within the body size limit, the inactivity timeout and the server's shared
-body budget (:func:`imagefleet.httpkit.arriving`, :func:`~imagefleet.httpkit.hold`); only the fields the request table declares
-for edits (:data:`imagefleet.schema.EDIT_FIELDS`, :data:`~imagefleet.schema.EDIT_FILE_FIELDS`)
-are accepted, and a malformed body is a 400, never a 500.
+body budget (:func:`imagefleet.httpkit.arriving`, :func:`~imagefleet.httpkit.hold`); only the
+fields the request table declares for edits (:data:`imagefleet.schema.EDIT_FIELDS`,
+:data:`~imagefleet.schema.EDIT_FILE_FIELDS`) are accepted, and a malformed body is a 400, never
+a 500.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from imagefleet.schema import EDIT_FIELDS, EDIT_FILE_FIELDS
 CHUNK = 256 * 1024
 
 
-async def read_form(request: web.Request, limit: int) -> tuple[dict[str, str], dict[str, list[bytes]]]:
-    """The text fields and the files (by field name) of a multipart body of at most ``limit`` bytes."""
+async def read_form(request: web.Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    """The text fields and the files (by field name) of a multipart body."""
     fields: dict[str, str] = {}
     files: dict[str, list[bytes]] = {}
     total = 0
@@ -45,8 +46,6 @@ async def read_form(request: web.Request, limit: int) -> tuple[dict[str, str], d
                 if not chunk:
                     break
                 total += len(chunk)
-                if total > limit:
-                    raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
                 httpkit.hold(request, total)
                 data.extend(chunk)
             if name in EDIT_FILE_FIELDS:

@@ -35,7 +35,7 @@ async def generations(request: web.Request) -> web.StreamResponse:
 async def edits(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     require_content_type(request, "multipart/form-data")
-    fields, files = await forms.read_form(request, rt.settings.max_body_bytes)
+    fields, files = await forms.read_form(request)
     service = rt.service()
     req, uploads = parse_edit(fields, files, service.limits)
     if req.stream:

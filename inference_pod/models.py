@@ -185,13 +185,14 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         acceleration.use_compile_cache(settings.compile_cache_dir)
         compiled = acceleration.compile_blocks(denoiser)
         decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
-    kernel = acceleration.choose_attention(settings.attention, device)
+    # only fused joint attentions can take FlashAttention-4: under auto, a model without them does
+    # not import it
+    wanted = settings.attention if fused or settings.attention == "fa4" else "sdpa"
+    kernel = acceleration.choose_attention(wanted, device)
     if kernel == "fa4" and not acceleration.use_attention(denoiser, kernel):
-        if settings.attention == "fa4":
-            raise ValueError(
-                f"attention fa4 runs the fused joint attention of SD3-family transformers; {settings.model} has none"
-            )
-        kernel = "sdpa"
+        raise ValueError(
+            f"attention fa4 runs the fused joint attention of SD3-family transformers; {settings.model} has none"
+        )
     step_cache = None
     if "fast" in settings.tiers.split(","):
         if not StepCache.supported(denoiser):

@@ -27,31 +27,30 @@ def test_a_local_directory_loads_through_from_pretrained(make_pod: PodFactory, t
     assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).size == (64, 64)
 
 
+def failed_load(server: ServerThread) -> tuple[Pod, str]:
+    """Wait for the pod to report its load failed; check it stays alive and refuses work with 503
+    ``load_failed``; returns the pod and that error's message."""
+    wait_until(lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure")
+    pod = Pod(server)
+    assert pod.request("GET", "/healthz")[0] == 200  # alive, just not ready
+    status, body = pod.generate()
+    assert status == 503 and body["error"]["code"] == "load_failed"
+    return pod, str(body["error"]["message"])
+
+
 def test_a_model_that_fails_to_load_says_why() -> None:
     s = settings_mod.load(PodSettings, env={}, model="/nonexistent/model/dir")
     with ServerThread(lambda: create_app(s)) as server:
-        wait_until(
-            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
-        )
-        pod = Pod(server)
-        assert pod.request("GET", "/healthz")[0] == 200  # alive, just not ready
+        pod, message = failed_load(server)
         assert pod.load()["ready"] is False
-        status, body = pod.generate()
-        assert status == 503
-        assert body["error"]["code"] == "load_failed" and "/nonexistent/model/dir" in body["error"]["message"]
+        assert "/nonexistent/model/dir" in message
 
 
 def test_a_pod_told_to_use_flashattention_4_where_it_cannot_says_why_and_stays_alive() -> None:
     s = settings_mod.load(PodSettings, env={}, model="tiny", attention="fa4")
     with ServerThread(lambda: create_app(s)) as server:
-        wait_until(
-            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
-        )
-        pod = Pod(server)
-        assert pod.request("GET", "/healthz")[0] == 200
-        status, body = pod.generate()
-        assert status == 503 and body["error"]["code"] == "load_failed"
-        assert "attention fa4 was asked for, but it needs a CUDA device" in body["error"]["message"]
+        _, message = failed_load(server)
+        assert "attention fa4 was asked for, but it needs a CUDA device" in message
 
 
 def test_a_pipeline_that_fails_its_warm_up_is_a_failed_load_not_a_ready_pod() -> None:
@@ -63,14 +62,7 @@ def test_a_pipeline_that_fails_its_warm_up_is_a_failed_load_not_a_ready_pod() ->
 
     model.text2img.unet.forward = broken
     with ServerThread(lambda: create_app(s, model=model)) as server:
-        wait_until(
-            lambda: get_json(server.url + "/readyz")[1].get("reason") == "load_failed", 60, "load failure"
-        )
-        pod = Pod(server)
-        assert pod.request("GET", "/healthz")[0] == 200
-        status, body = pod.generate()
-        assert status == 503 and body["error"]["code"] == "load_failed"
-        message = body["error"]["message"]
+        _, message = failed_load(server)
         assert (
             "the warm-up made no image at 64x64, batch 1 (RuntimeError: the denoiser cannot run here)"
             in message
