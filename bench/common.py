@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -385,5 +386,15 @@ def histogram_delta(before: str, after: str, name: str) -> dict[str, float | Non
 
 
 def main_guard(main: Any) -> None:
-    """Run ``main`` as a script's entry point and exit with its status."""
+    """Run ``main`` as a script's entry point and exit with its status.
+
+    SIGTERM (``timeout``, a cancelled job) exits the same way, through every ``finally``: the
+    pods and routers a benchmark started run in their own sessions and would outlive it otherwise,
+    holding the GPU while the next benchmark measures.
+    """
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     sys.exit(main())

@@ -200,8 +200,9 @@ class PodSettings(HttpServerSettings):
     )
     compile: str = setting(
         "auto",
-        "torch.compile each repeated transformer block: auto (on a GPU) | blocks | off",
-        choices=("auto", "blocks", "off"),
+        "torch.compile each repeated transformer block: auto (blocks, on a GPU) | blocks | blocks-graphs "
+        "(the same, replayed as CUDA graphs per shape) | off",
+        choices=("auto", "blocks", "blocks-graphs", "off"),
     )
     compile_cache_dir: str | None = setting(
         None, "directory keeping compiled code across restarts (Kubernetes: on the model-cache volume)"

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 TASKS = ("generate", "img2img", "inpaint")
 
+COMPILE_MODES = {"blocks": "default", "blocks-graphs": "reduce-overhead"}
+"""``--compile`` -> the torch.compile mode reported in ``/v1/models``."""
+
 # family -> (default steps, default guidance scale)
 FAMILY_DEFAULTS: dict[str, tuple[int, float]] = {
     "tiny": (4, 5.0),
@@ -181,9 +184,9 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     if mode == "auto":
         mode = "blocks" if device.startswith("cuda") else "off"
     compiled, decoder = 0, False
-    if mode == "blocks":
+    if mode in ("blocks", "blocks-graphs"):
         acceleration.use_compile_cache(settings.compile_cache_dir)
-        compiled = acceleration.compile_blocks(denoiser)
+        compiled = acceleration.compile_blocks(denoiser, graphs=mode == "blocks-graphs")
         decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
     # only fused joint attentions can take FlashAttention-4: under auto, a model without them does
     # not import it
@@ -209,7 +212,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         fused_attentions=fused,
         compiled_blocks=compiled,
         compiled_decoder=decoder,
-        compile_mode="default" if compiled else None,
+        compile_mode=COMPILE_MODES.get(mode) if compiled else None,
         step_cache=step_cache is not None,
         attention=kernel,
     )

@@ -67,3 +67,18 @@ def test_a_pipeline_that_fails_its_warm_up_is_a_failed_load_not_a_ready_pod() ->
             "the warm-up made no image at 64x64, batch 1 (RuntimeError: the denoiser cannot run here)"
             in message
         )
+
+
+def test_compiled_blocks_as_cuda_graphs_are_what_the_model_reports() -> None:
+    # nothing is compiled until the first call (the warm-up's, on a GPU); the load says what it did
+    s = settings_mod.load(
+        PodSettings, env={}, model="synthetic:sd3-tiny", dtype="float32", compile="blocks-graphs"
+    )
+    model = models.load(s)
+    transformer = model.text2img.transformer
+    assert model.acceleration.compiled_blocks == len(transformer.transformer_blocks)
+    assert model.acceleration.to_json()["compile_mode"] == "reduce-overhead"
+    # the graph-step marker is a forward pre-hook on the denoiser
+    assert len(transformer._forward_pre_hooks) == 1
+    plain = models.load(settings_mod.load(PodSettings, env={}, model="synthetic:sd3-tiny", compile="blocks"))
+    assert plain.acceleration.compile_mode == "default" and not plain.text2img.transformer._forward_pre_hooks

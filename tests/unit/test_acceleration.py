@@ -166,3 +166,48 @@ def test_the_fa4_path_lays_tokens_before_heads_and_computes_what_sdpa_does(
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     acceleration.use_attention(model, "sdpa")
     assert torch.equal(call(model), reference) and len(calls) == fused
+
+
+# --- compilation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_compiled_blocks_replay_as_cuda_graphs_only_when_asked_with_one_graph_step_per_call(
+    monkeypatch: pytest.MonkeyPatch, graphs: bool
+) -> None:
+    # torch.compile itself is the library's to test (and slow on a CPU): record what each block
+    # was compiled with, keep the block's own forward, and count the graph steps begun
+    modes: list[str | None] = []
+
+    def compile_(fn: Any, **options: Any) -> Any:
+        modes.append(options["mode"])
+        assert options["fullgraph"] is True and options["dynamic"] is False
+        return fn
+
+    steps: list[int] = []
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = transformer()
+    reference = call(model)
+    compiled = acceleration.compile_blocks(model, graphs=graphs)
+    assert compiled == len(model.transformer_blocks) == len(modes)
+    assert set(modes) == {"reduce-overhead" if graphs else None}
+    for _ in range(3):
+        assert torch.equal(call(model), reference)
+    # a new step before each denoiser call, none inside it: the blocks of one call hand their
+    # graphs' outputs on to each other, and nothing of a call is read after the next one begins
+    assert len(steps) == (3 if graphs else 0)
+
+
+def test_a_pipeline_marks_one_graph_step_per_denoising_step(
+    monkeypatch: pytest.MonkeyPatch, pipe: Any
+) -> None:
+    steps: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    hook = acceleration.mark_graph_steps(pipe.transformer)
+    try:
+        images(pipe)
+    finally:
+        hook.remove()
+    # classifier-free guidance runs both halves in one transformer call per step
+    assert len(steps) == STEPS
