@@ -11,6 +11,10 @@ A compiled pipeline (:mod:`.acceleration`) has static shapes: each (size, batch 
 its first call. Before timing, the warm-up runs every batch size from 1 to the largest at every
 size of ``--warmup-sizes`` (2 steps each: the graphs do not depend on the step count), so no
 request at those sizes pays for a compilation. With the compile cache warm this takes seconds.
+Every batch size that is timed has run once before, for the same reason in eager pipelines too:
+a first call at a batch size pays for set-up (memory, kernel choices; a compilation where the
+default size is not a warm-up size) that later calls do not, and a curve timed on first calls
+makes batching look dearer than it is.
 
 A warm-up call that makes no image (the pipeline raised on its own prompt, or the device failed)
 means every request would fail the same way: :class:`WarmupFailed`, and the pod reports the
@@ -70,17 +74,24 @@ async def compile_shapes(
     run_batch: RunBatch, gpu: Executor, defaults: Defaults, sizes: list[tuple[int, int]], max_batch_size: int
 ) -> float:
     """Run every batch size at every size once (compiling each shape); returns the seconds taken."""
-    loop = asyncio.get_running_loop()
     started = time.monotonic()
     for size in sizes or [defaults.size]:
         key = warmup_key(defaults, size=size, steps=2)
         for batch in range(1, max_batch_size + 1):
             shape_started = time.monotonic()
-            samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(batch)]
-            outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=key, samples=samples))
-            check(outcome, size, batch)
+            await run_once(run_batch, gpu, key, batch)
             log.info("Compiled %dx%d at batch %d in %.1f s", *size, batch, time.monotonic() - shape_started)
     return time.monotonic() - started
+
+
+async def run_once(run_batch: RunBatch, gpu: Executor, key: CompatKey, batch: int) -> Outcome:
+    """One warm-up batch of ``batch`` samples of ``key`` on the GPU thread, checked."""
+    samples = [Sample(key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(batch)]
+    outcome = await asyncio.get_running_loop().run_in_executor(
+        gpu, run_batch, BatchRun(key=key, samples=samples)
+    )
+    check(outcome, (key.width, key.height), batch)
+    return outcome
 
 
 async def warm_up(
@@ -96,22 +107,21 @@ async def warm_up(
     """Compile every warm-up shape (when ``compiled``), then time the batch curve of
     :func:`warmup_key` (sizes 1, max/2 from 4, and max) and one sample at twice its steps, which
     tells the per-call overhead from the per-step work. Returns the seconds it took in all."""
-    loop = asyncio.get_running_loop()
     started = time.monotonic()
+    compiled_sizes = sizes or [defaults.size]
     if compiled:
-        seconds = await compile_shapes(run_batch, gpu, defaults, sizes or [], max_batch_size)
+        seconds = await compile_shapes(run_batch, gpu, defaults, compiled_sizes, max_batch_size)
         log.info("Compiled every warm-up shape in %.1f s", seconds)
     key = warmup_key(defaults)
-    batches = [1, 1] + ([max_batch_size // 2] if max_batch_size >= 4 else [])
+    batches = [1] + ([max_batch_size // 2] if max_batch_size >= 4 else [])
     batches += [max_batch_size] if max_batch_size > 1 else []
+    if not (compiled and defaults.size in compiled_sizes):
+        # each timed batch size once, untimed: the first call at a batch size pays for set-up
+        for batch in batches:
+            await run_once(run_batch, gpu, warmup_key(defaults, steps=2), batch)
     runs = [(key, size) for size in batches] + [(warmup_key(defaults, scale=2), 1)]
-    for i, (run_key, size) in enumerate(runs):
-        samples = [Sample(run_key, PROMPT, j, PROMPT, None, seed=j, enqueued_at=0.0) for j in range(size)]
-        outcome = await loop.run_in_executor(gpu, run_batch, BatchRun(key=run_key, samples=samples))
-        check(outcome, (run_key.width, run_key.height), size)
-        if i == 0:  # the first run pays for lazy initialisation; learn nothing from its time
-            outcome.timings.clear()
-        scheduler.learn(run_key, outcome)
+    for run_key, size in runs:
+        scheduler.learn(run_key, await run_once(run_batch, gpu, run_key, size))
     log.info(
         "Warm-up done in %.1f s: batch 1 %.3f s, batch %d %.3f s",
         time.monotonic() - started,

@@ -410,13 +410,47 @@ def test_the_warm_up_times_the_default_shapes_curve_so_batches_are_capped_from_t
             s = scheduler(FakeGPU(), max_batch_size=8, fill=False)
             await warm_up(s, runner, InlineExecutor(), DEFAULTS, max_batch_size=8)
             assert s._state.batch_cap(warmup_key(DEFAULTS)) == cap and s._state.batch_cap(served) == cap
-        # The first call pays for lazy set-up and is not learned; the last, at twice the steps,
-        # tells the 1 s per call from the per-step work, so a longer request is priced right.
-        assert runs == [(1, 2), (1, 2), (4, 2), (8, 2), (1, 4)]
+        # Each timed batch size runs once first (its first call pays for set-up) and is not
+        # learned; the last, at twice the steps, tells the 1 s per call from the per-step work, so
+        # a longer request is priced right.
+        assert runs == [(1, 2), (4, 2), (8, 2), (1, 2), (4, 2), (8, 2), (1, 4)]
         s = scheduler(FakeGPU(), max_batch_size=8, fill=False)
         await warm_up(s, overhead_bound, InlineExecutor(), DEFAULTS, max_batch_size=8)
         long = CompatKey.of("generate", size=(64, 64), steps=40, guidance=5.0)
         assert s.estimate(long, 1) == pytest.approx(1.0 + 0.02 * 40)
+
+    run(scenario)
+
+
+def test_the_warm_up_learns_no_first_call_at_a_batch_size() -> None:
+    """An eager pipeline's first call at a batch size pays for set-up (memory, kernel choices), and a
+    default size that is not a compiled warm-up size compiles there: the curve must not hold it."""
+
+    async def scenario() -> None:
+        seen: set[tuple[int, int, int]] = set()
+
+        def first_calls_dear(run: BatchRun) -> Outcome:  # 0.05 s per image and step; +5 s once per shape
+            n = len(run.samples)
+            shape = (run.key.width, run.key.height, n)
+            setup = 0.0 if shape in seen else 5.0
+            seen.add(shape)
+            return Outcome(results=[None] * n, timings=[(n, setup + 0.05 * n * run.key.steps)])
+
+        key = warmup_key(DEFAULTS)
+        for compiled, sizes in ((False, None), (True, [(128, 128)])):
+            seen.clear()
+            s = scheduler(FakeGPU(), max_batch_size=4, fill=False)
+            await warm_up(
+                s,
+                first_calls_dear,
+                InlineExecutor(),
+                DEFAULTS,
+                max_batch_size=4,
+                sizes=sizes,
+                compiled=compiled,
+            )
+            for n in (1, 2, 4):
+                assert s.estimate(key, n) == pytest.approx(0.05 * n * key.steps)
 
     run(scenario)
 

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from imagefleet.errors import GenerationFailed, Unavailable
-from imagefleet.inference_pod import worker
+from imagefleet.inference_pod import tiny, worker
 from imagefleet.inference_pod.batching import CompatKey, Sample
 from imagefleet.inference_pod.counters import PodCounters
 from imagefleet.inference_pod.models import LoadedModel
@@ -24,7 +25,7 @@ KEY = CompatKey.of("generate", size=(8, 8), steps=2, guidance=5.0)
 
 
 class FakePipeline:
-    """Makes one 8x8 image per prompt (output_type "np"); a prompt names what goes wrong:
+    """Makes one 8x8 image per prompt (output_type "pt"); a prompt names what goes wrong:
     ``bad`` raises (an input it cannot take), ``nan`` comes out as NaNs, ``cuda`` is a device
     error, ``big`` runs out of memory in any batch."""
 
@@ -32,7 +33,7 @@ class FakePipeline:
         self.calls: list[list[str]] = []
 
     def __call__(self, *, prompt: list[str], output_type: str, **kwargs: Any) -> Any:
-        assert output_type == "np"
+        assert output_type == "pt"
         self.calls.append(prompt)
         if "cuda" in prompt:
             raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
@@ -40,10 +41,10 @@ class FakePipeline:
             raise torch.OutOfMemoryError("CUDA out of memory")
         if "bad" in prompt:
             raise ValueError("the tokenizer cannot take this prompt")
-        images = np.full((len(prompt), 8, 8, 3), 0.5, dtype=np.float32)
+        images = torch.full((len(prompt), 3, 8, 8), 0.5)
         for i, p in enumerate(prompt):
             if p == "nan":
-                images[i, 0, 0, 0] = np.nan
+                images[i, 0, 0, 0] = torch.nan
 
         class Result:
             pass
@@ -176,3 +177,31 @@ def test_a_batch_mates_device_failure_does_not_cost_the_others_their_images() ->
         await s.stop()
 
     run(scenario)
+
+
+def test_the_pixels_made_on_the_device_are_the_ones_pil_output_gives() -> None:
+    pipe = tiny.build()
+    pipe.set_progress_bar_config(disable=True)
+
+    def made(output_type: str) -> Any:
+        return pipe(
+            prompt=["a cat", "a dog"],
+            num_inference_steps=2,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            output_type=output_type,
+        ).images
+
+    expected = [np.asarray(image) for image in made("pil")]
+    got = worker.pixels(made("pt"))
+    assert len(got) == 2 and all(g.dtype == np.uint8 for g in got)
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert np.asarray(worker.image_result(batch("a").samples[0], got[0])).tobytes() == expected[0].tobytes()
+    # values half-way between two levels round as numpy_to_pil rounds them
+    values = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    values.view(-1)[:256] = (torch.arange(256) + 0.5) / 255
+    reference = VaeImageProcessor.numpy_to_pil(values.permute(0, 2, 3, 1).numpy())[0]
+    assert np.array_equal(worker.pixels(values)[0], np.asarray(reference))
+    nan = torch.zeros(2, 3, 4, 4)
+    nan[1, 2, 3, 3] = torch.nan
+    first, second = worker.pixels(nan)
+    assert first is not None and second is None
