@@ -38,7 +38,7 @@ class LoadReport:
     quarantined: bool = False
     """Repeated device failures: the pod refuses work for good and waits to be replaced."""
     phase: str = ""
-    """The pod's phase: loading, load_failed, serving, draining or quarantined ("" if unsaid)."""
+    """The pod's phase: loading, load_failed, serving, draining, quarantined or stalled ("" if unsaid)."""
     draining: bool = False
     queued_requests: int = 0
     queued_samples: int = 0

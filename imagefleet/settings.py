@@ -192,6 +192,12 @@ class PodSettings(HttpServerSettings):
     quarantine_after: int = setting(
         3, "consecutive failed batches after which the pod quarantines itself", minimum=1
     )
+    stall_after_s: float = setting(
+        600.0,
+        "seconds a running batch may go without completing a denoising step before the pod counts its "
+        "GPU as hung: /healthz fails (the kubelet restarts the pod), /readyz and new requests get 503",
+        minimum=1,
+    )
     warmup: bool = setting(True, "run and time small batches at start-up before reporting ready")
     warmup_sizes: str | None = setting(
         None,

@@ -80,6 +80,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers, and its GPU is not hung (:class:`.health.StallWatch`)."""
+    if request.app[RUNTIME].phase() is PodPhase.STALLED:
+        return json_response({"status": "stalled"}, status=503)
     return json_response({"status": "ok"})
 
 

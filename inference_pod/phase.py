@@ -22,6 +22,10 @@ class PodPhase(enum.Enum):
     """Stopping: finishing accepted work, refusing new work."""
     QUARANTINED = "quarantined"
     """Repeated GPU errors; refusing work until replaced."""
+    STALLED = "stalled"
+    """The running batch has completed no denoising step for ``--stall-after-s``: the GPU is
+    presumed hung. Refusing work, and failing ``/healthz`` so that the kubelet restarts the pod;
+    serving again if the batch moves on before that."""
 
 
 def refusal(phase: PodPhase, detail: str | None = None) -> Unavailable | None:
@@ -34,6 +38,10 @@ def refusal(phase: PodPhase, detail: str | None = None) -> Unavailable | None:
         return Unavailable("The pod is draining.", retry_after=1, code="draining")
     if phase is PodPhase.QUARANTINED:
         return Unavailable("The pod is quarantined after repeated GPU errors.", code="quarantined")
+    if phase is PodPhase.STALLED:
+        return Unavailable(
+            "The pod's GPU has stopped making progress; send the request elsewhere.", code="stalled"
+        )
     return None
 
 

@@ -39,7 +39,7 @@ from imagefleet.inference_pod.costs import CostModel
 from imagefleet.inference_pod.counters import PodCounters
 from imagefleet.inference_pod.delivery import Delivery, Ticket
 from imagefleet.inference_pod.estimator import LoadEstimator
-from imagefleet.inference_pod.health import PodHealth
+from imagefleet.inference_pod.health import PodHealth, StallWatch
 from imagefleet.inference_pod.phase import PodPhase, refusal
 from imagefleet.inference_pod.worker import Outcome, RunBatch
 from imagefleet.schema import ImageRequest
@@ -86,6 +86,7 @@ class Scheduler:
         max_wait_s: float,
         fill: bool,
         quarantine_after: int,
+        stall_after_s: float,
         clock: Callable[[], float] = time.monotonic,
         fixed: bool = False,
         stepwise: Callable[[CompatKey], bool] | None = None,
@@ -107,6 +108,7 @@ class Scheduler:
             max_queued_images=max_queued_images,
         )
         self._health = PodHealth(quarantine_after)
+        self._stall = StallWatch(stall_after_s)
         self._delivery = Delivery(cpu, counters, forget=self._state.remove)
         self._loop = BatchLoop(
             state=self._state,
@@ -148,6 +150,7 @@ class Scheduler:
             fill=settings.batch_policy == "fill",
             fixed=settings.batch_policy == "fixed",
             quarantine_after=settings.quarantine_after,
+            stall_after_s=settings.stall_after_s,
             clock=clock,
             stepwise=stepwise if settings.batch_mode == "step" else None,
         )
@@ -176,6 +179,8 @@ class Scheduler:
     def phase(self) -> PodPhase:
         if self._health.quarantined:
             return PodPhase.QUARANTINED
+        if self._stall.stalled(self._loop.running, self._clock()):
+            return PodPhase.STALLED
         return PodPhase.DRAINING if self._draining else PodPhase.SERVING
 
     # --- requests ---

@@ -295,6 +295,7 @@ class StepBatch:
             euler_update(m.latents, velocity[i : i + 1], self.schedule.sigmas, m.steps_done)
             for i, m in enumerate(members)
         ]
+        run.progress += 1
         for hook in run.hooks:
             hook(run, self.steps_run, len(members))
         return updated

@@ -108,6 +108,8 @@ class BatchRun:
     stop: threading.Event = field(default_factory=threading.Event)
     steps_total: int = 0
     steps_done: int = 0
+    progress: int = 0
+    """Denoising steps completed so far, in either batch mode (:class:`.health.StallWatch` reads it)."""
     started_at: float = 0.0
     """When the batch loop handed it to the GPU thread (the loop's clock)."""
     hooks: list[StepHook] = field(default_factory=list)
@@ -287,6 +289,7 @@ def run_pipeline(model: LoadedModel, run: BatchRun, samples: list[Sample]) -> li
 
     def on_step_end(pipe_: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         run.steps_done = step + 1
+        run.progress += 1
         for hook in run.hooks:
             hook(run, step, len(samples))
         if run.latent_hooks:

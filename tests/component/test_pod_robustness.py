@@ -17,6 +17,7 @@ from PIL import Image
 from urllib3.filepost import encode_multipart_formdata
 
 from imagefleet import metrics
+from imagefleet.testing.servers import wait_until
 from tests.component.test_pod_batching import start_blocker, wait_queued
 from tests.conftest import Pod, PodFactory
 
@@ -138,3 +139,24 @@ def test_moderation_auto_and_low_are_accepted(pod: Pod) -> None:
     for value in ("auto", "low"):
         status, body = pod.generate(size="64x64", moderation=value)
         assert status == 200, body
+
+
+def test_a_batch_that_stops_making_progress_fails_liveness_and_refuses_work_until_it_moves(
+    make_pod: PodFactory,
+) -> None:
+    pod = make_pod(stall_after_s=1)
+    assert pod.request("GET", "/healthz")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        blocker = start_blocker(pod, pool, seconds=6)  # no denoising step completes for 6 s
+        wait_until(lambda: pod.request("GET", "/healthz")[0] == 503, 10, "the stall to be seen")
+        assert pod.request("GET", "/healthz")[2] == {"status": "stalled"}
+        status, _, body = pod.request("GET", "/readyz")
+        assert status == 503 and body["reason"] == "stalled"
+        load = pod.load()
+        assert load["ready"] is False and load["phase"] == "stalled"
+        status, body = pod.generate(size="64x64")
+        assert status == 503 and body["error"]["code"] == "stalled", body
+        # the batch moves on: its request is answered, and the pod lives and serves again
+        assert blocker.result()[0] == 200
+    assert pod.request("GET", "/healthz")[0] == 200
+    assert_serving(pod)

@@ -93,6 +93,7 @@ def scheduler(
         "max_wait_s": 0.0,
         "fill": True,
         "quarantine_after": 3,
+        "stall_after_s": 600.0,
     }
     params.update(overrides)
     return Scheduler(

@@ -236,6 +236,7 @@ def step_scheduler(gpu: FakeSteps, pool: ThreadPoolExecutor, counters: PodCounte
         max_wait_s=0.0,
         fill=True,
         quarantine_after=3,
+        stall_after_s=600.0,
         clock=FakeClock(),
         stepwise=lambda key: key.task == "generate",
     )
