@@ -13,7 +13,8 @@ GPU memory): ``nvidia-smi -L``, else ``torch.cuda.device_count()`` in a subproce
 Every pod process has a supervisor task that restarts it when it exits unasked, after
 ``restart_backoff_s`` (doubling, up to a minute, while it keeps dying within a minute of
 starting), and replaces it when its load report (read every ``health_interval_s``) says it
-quarantined itself. Cancelling :func:`serve_local` (the CLI does so on SIGINT/SIGTERM) stops the
+quarantined itself or stalled (a batch that stopped making progress: its GPU hangs; on Kubernetes
+the kubelet's liveness probe does the same). Cancelling :func:`serve_local` (the CLI does so on SIGINT/SIGTERM) stops the
 router from taking new requests, sends SIGTERM to every pod (which drains: it refuses new work and
 finishes what it accepted) and SIGKILLs any still running after the pods' ``stop_timeout_s``.
 
@@ -289,22 +290,18 @@ class PodSupervisor:
     async def _replace_when_quarantined(
         self, session: aiohttp.ClientSession, process: asyncio.subprocess.Process
     ) -> None:
-        """Read the pod's load report every ``health_interval_s``; once it says quarantined, stop
-        the pod (it refuses new work already) so that :meth:`run` starts a new one."""
+        """Read the pod's load report every ``health_interval_s``; once it says quarantined or
+        stalled, stop the pod (it refuses new work already) so that :meth:`run` starts a new one."""
         while process.returncode is None:
             await asyncio.sleep(self.health_interval_s)
             report = await read_report(session, self.plan.url)
-            if report is None or not report.quarantined or self._stopping:
+            why = replace_because(report)
+            if report is None or why is None or self._stopping:
                 continue
             if self.plan.instance_id and report.instance_id != self.plan.instance_id:
                 continue  # another process answers on this port: the router ignores it as well
             self._replacing = True
-            log.warning(
-                "Pod %s (pid %d) reports itself quarantined (repeated failed batches on its device); "
-                "replacing it",
-                self.plan.name,
-                process.pid,
-            )
+            log.warning("Pod %s (pid %d) reports itself %s; replacing it", self.plan.name, process.pid, why)
             await self._terminate(process)
             return
 
@@ -331,6 +328,17 @@ class PodSupervisor:
             log.warning("Pod %s did not stop within %.0f s; killing it", self.plan.name, timeout_s)
             self.signal(signal.SIGKILL)
             await process.wait()
+
+
+def replace_because(report: LoadReport | None) -> str | None:
+    """Why a pod with this load report must be replaced (None: it need not be)."""
+    if report is None:
+        return None
+    if report.quarantined:
+        return "quarantined (repeated failed batches on its device)"
+    if report.phase == "stalled":
+        return "stalled (its running batch has made no progress: the GPU hangs)"
+    return None
 
 
 async def read_report(session: aiohttp.ClientSession, url: str) -> LoadReport | None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,15 +138,20 @@ def test_the_router_ignores_a_backend_that_reports_another_instance(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_quarantined_pod_is_replaced_by_the_supervisor(serve: Serve) -> None:
-    served = serve.ready(
-        serve.start("--fault-injection", "--quarantine-after", "1", "--health-interval-s", "0.2")
-    )
+@pytest.mark.parametrize("failure", ["quarantined", "stalled"])
+def test_a_quarantined_or_stalled_pod_is_replaced_by_the_supervisor(serve: Serve, failure: str) -> None:
+    flags = ["--quarantine-after", "1"] if failure == "quarantined" else ["--stall-after-s", "1"]
+    served = serve.ready(serve.start("--fault-injection", *flags, "--health-interval-s", "0.2"))
     (pod_pid,) = children(served.proc.pid)
     pod_url = f"http://127.0.0.1:{served.pod_port}"
-    assert call("POST", pod_url + "/debug/faults", {"kind": "runtime", "count": 1}).status == 200
-    assert generate(pod_url).body["error"]["code"] == "device_error"  # that quarantines the pod
-    wait_until(lambda: "reports itself quarantined" in served.output(), 20, "the supervisor noticing")
+    if failure == "quarantined":
+        assert call("POST", pod_url + "/debug/faults", {"kind": "runtime", "count": 1}).status == 200
+        assert generate(pod_url).body["error"]["code"] == "device_error"  # that quarantines the pod
+    else:  # a batch that makes no progress for far longer than the limit: a hung GPU
+        assert call("POST", pod_url + "/debug/faults", {"kind": "stall", "seconds": 300}).status == 200
+        stuck = threading.Thread(target=generate, args=(pod_url,), daemon=True)
+        stuck.start()
+    wait_until(lambda: f"reports itself {failure}" in served.output(), 20, "the supervisor noticing")
     wait_until(lambda: children(served.proc.pid) not in ([], [pod_pid]), 60, "a new pod process")
     wait_until(lambda: get_json(served.url + "/readyz")[0] == 200, START_S, "the new pod ready")
     assert not alive(pod_pid)
