@@ -149,7 +149,15 @@ def test_a_quarantined_or_stalled_pod_is_replaced_by_the_supervisor(serve: Serve
         assert generate(pod_url).body["error"]["code"] == "device_error"  # that quarantines the pod
     else:  # a batch that makes no progress for far longer than the limit: a hung GPU
         assert call("POST", pod_url + "/debug/faults", {"kind": "stall", "seconds": 300}).status == 200
-        stuck = threading.Thread(target=generate, args=(pod_url,), daemon=True)
+        answers: list[object] = []
+
+        def send() -> None:
+            try:
+                answers.append(generate(pod_url).status)
+            except OSError as exc:  # cut off when the hung pod is killed
+                answers.append(exc)
+
+        stuck = threading.Thread(target=send, daemon=True)
         stuck.start()
     wait_until(lambda: f"reports itself {failure}" in served.output(), 20, "the supervisor noticing")
     wait_until(lambda: children(served.proc.pid) not in ([], [pod_pid]), 60, "a new pod process")
@@ -157,6 +165,9 @@ def test_a_quarantined_or_stalled_pod_is_replaced_by_the_supervisor(serve: Serve
     assert not alive(pod_pid)
     assert generate(served.url).status == 200
     assert "replaced" in served.output()
+    if failure == "stalled":  # the request on the hung GPU was cut off or refused, never an image
+        stuck.join(60)
+        assert answers and answers[0] != 200, answers
 
 
 def test_prompts_are_not_logged_even_at_debug_level(serve: Serve) -> None:
