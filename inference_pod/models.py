@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 TASKS = ("generate", "img2img", "inpaint")
 
 COMPILE_MODES = {"blocks": "default", "blocks-graphs": "reduce-overhead"}
-"""``--compile`` -> the torch.compile mode reported in ``/v1/models``."""
+"""The ``--compile`` settings that compile, and the torch.compile mode each reports in ``/v1/models``."""
 
 # family -> (default steps, default guidance scale)
 FAMILY_DEFAULTS: dict[str, tuple[int, float]] = {
@@ -184,7 +184,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     if mode == "auto":
         mode = "blocks" if device.startswith("cuda") else "off"
     compiled, decoder = 0, False
-    if mode in ("blocks", "blocks-graphs"):
+    if mode in COMPILE_MODES:
         acceleration.use_compile_cache(settings.compile_cache_dir)
         compiled = acceleration.compile_blocks(denoiser, graphs=mode == "blocks-graphs")
         decoder = acceleration.compile_decoder(getattr(pipe, "vae", None))
@@ -212,7 +212,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         fused_attentions=fused,
         compiled_blocks=compiled,
         compiled_decoder=decoder,
-        compile_mode=COMPILE_MODES.get(mode) if compiled else None,
+        compile_mode=COMPILE_MODES[mode] if compiled else None,
         step_cache=step_cache is not None,
         attention=kernel,
     )

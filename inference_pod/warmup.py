@@ -75,7 +75,7 @@ async def compile_shapes(
 ) -> float:
     """Run every batch size at every size once (compiling each shape); returns the seconds taken."""
     started = time.monotonic()
-    for size in sizes or [defaults.size]:
+    for size in sizes:
         key = warmup_key(defaults, size=size, steps=2)
         for batch in range(1, max_batch_size + 1):
             shape_started = time.monotonic()
