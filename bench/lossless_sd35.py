@@ -20,8 +20,9 @@ each, the max / mean absolute difference of the decoded images from eager on the
   coordinate-descent tuning of its generated kernels.
 
 Then the text encoders (CLIP-L, CLIP-G, T5-XXL), which run once per request: eager, with the
-empty negative prompt's embeddings computed once and reused (they never change), and with the
-encoders compiled. Last, ``torch.profiler`` over one compiled CFG call, CUDA time by kernel kind
+empty negative prompt's embeddings computed once and reused (they never change), replayed as CUDA
+graphs (the pod's ``--encoder-graphs``; GPU only), and with the encoders compiled
+(``--encoders-only``: all but the compiled ones, and nothing else). Last, ``torch.profiler`` over one compiled CFG call, CUDA time by kernel kind
 (``--profile-attention fa4``: with FlashAttention-4).
 
 ``--kernels`` first times the attention kernels alone at the transformer's two shapes (CFG batch 2,
@@ -241,8 +242,57 @@ def kernels(device: str, repeats: int = 20) -> Iterator[dict[str, Any]]:
                 yield {"kernel": name, "tokens": tokens, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def encoders(setup: Setup, pipe: Any, batches: list[int], repeats: int) -> list[dict[str, Any]]:
-    """Prompt encoding per request: eager, with the negative prompt's embeddings reused, compiled."""
+def graphed_encoders(
+    setup: Setup, pipe: Any, batches: list[int], encode: Any, best: Any, reference: Any
+) -> list[dict[str, Any]]:
+    """The pod's ``--encoder-graphs``: each encoder replayed as a CUDA graph per batch size; the
+    encoders' own forwards are put back afterwards."""
+    from imagefleet.inference_pod import encodergraphs
+
+    rows: list[dict[str, Any]] = []
+    graphed = encodergraphs.graph_encoders(pipe, setup.device)
+    if not graphed:
+        return rows
+    out = encode(1, None)
+    with torch.inference_mode():
+        empty = pipe.encode_prompt(
+            prompt=[""], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False
+        )
+    negative = (empty[0], empty[2])
+    for batch in batches:
+        _, first = setup.timed(functools.partial(encode, batch, negative))
+        rows.append(
+            {
+                "variant": "encode-graphed-negative-reused",
+                "batch": batch,
+                "first_call_s": round(first, 2),
+                "seconds": round(best(batch, negative), 4),
+            }
+        )
+    captured = sum(
+        len(getattr(pipe, name).forward.graphs)
+        for name in encodergraphs.ENCODERS
+        if getattr(pipe, name, None)
+    )
+    rows.append(
+        {
+            "variant": "encode-graphed",
+            "graphs": captured,
+            "identical_to_eager": encodergraphs.identical(out, reference),
+        }
+    )
+    for name in encodergraphs.ENCODERS:
+        module = getattr(pipe, name, None)
+        if module is not None and isinstance(module.forward, encodergraphs.GraphedForward):
+            module.forward = module.forward.eager
+    return rows
+
+
+def encoders(
+    setup: Setup, pipe: Any, batches: list[int], repeats: int, compiled: bool = True
+) -> list[dict[str, Any]]:
+    """Prompt encoding per request: eager, with the negative prompt's embeddings reused, graphed,
+    compiled."""
     rows = []
 
     def encode(batch: int, negative: tuple[torch.Tensor, torch.Tensor] | None) -> Any:
@@ -277,6 +327,9 @@ def encoders(setup: Setup, pipe: Any, batches: list[int], repeats: int) -> list[
     reused = encode(1, negative)
     same = all(torch.equal(a, b) for a, b in zip(reference, reused, strict=True))
     rows.append({"variant": "encode-negative-reused", "identical_to_eager": same})
+    rows.extend(graphed_encoders(setup, pipe, batches, encode, best, reference))
+    if not compiled:
+        return rows
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -318,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=prof.SIZE)
     parser.add_argument("--steps", type=int, default=prof.STEPS)
     parser.add_argument("--no-encoders", action="store_true")
+    parser.add_argument(
+        "--encoders-only", action="store_true", help="only the text encoders: eager, reused negative, graphed"
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--profile-attention", choices=("sdpa", "fa4"), default="sdpa")
     parser.add_argument("--kernels", action="store_true", help="time the attention kernels alone first")
@@ -340,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe = setup.build()
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     prof.emit({"event": "build", "seconds": round(time.perf_counter() - start, 1), "card": card})
+    if args.encoders_only:
+        for record in encoders(
+            setup, pipe, [int(b) for b in args.encoder_batches.split(",")], args.repeats, False
+        ):
+            prof.emit({"event": "encoder", **record})
+        return 0
     transformer = pipe.transformer
     setup.latents(pipe, 0)
     reference = setup.images(pipe, args.seeds)

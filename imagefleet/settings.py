@@ -220,6 +220,11 @@ class PodSettings(HttpServerSettings):
         choices=("auto", "fa4", "sdpa"),
     )
     fuse_projections: bool = setting(True, "one matrix product for query, key and value (SD3 family)")
+    encoder_graphs: bool = setting(
+        True,
+        "replay the text encoders as CUDA graphs, one per batch size (GPU only; the same kernels, so the "
+        "same embeddings: each graph is checked against eager once)",
+    )
     tiers: str = setting(
         "lossless",
         "quality tiers served: lossless, or lossless,fast (fast: a first-block step cache, opt-in per request)",

@@ -54,6 +54,7 @@ class Acceleration:
     compile_mode: str | None = None
     step_cache: bool = False
     attention: str = "sdpa"
+    graphed_encoders: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class Acceleration:
             "compiled_decoder": self.compiled_decoder,
             "compile_mode": self.compile_mode,
             "attention": self.attention,
+            "graphed_encoders": self.graphed_encoders,
         }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from imagefleet.inference_pod import acceleration
+from imagefleet.inference_pod import acceleration, encodergraphs
 from imagefleet.inference_pod.acceleration import Acceleration, StepCache
 from imagefleet.inference_pod.prompts import FAMILIES as NEGATIVE_REUSE_FAMILIES
 from imagefleet.inference_pod.prompts import EmptyNegative
@@ -176,9 +176,10 @@ def derive_edit_pipelines(model: LoadedModel) -> ModelInfo:
 def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Acceleration, StepCache | None]:
     """The lossless rewrites the settings ask for, then the fast tier's cache (order matters:
     the cache wraps the compiled blocks). See :mod:`.acceleration`."""
+    graphed = encodergraphs.graph_encoders(pipe, device) if settings.encoder_graphs else 0
     denoiser = acceleration.denoiser_of(pipe)
     if denoiser is None:
-        return Acceleration(), None
+        return Acceleration(graphed_encoders=graphed), None
     fused = acceleration.fuse_qkv(denoiser) if settings.fuse_projections else 0
     mode = settings.compile
     if mode == "auto":
@@ -215,6 +216,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         compile_mode=COMPILE_MODES[mode] if compiled else None,
         step_cache=step_cache is not None,
         attention=kernel,
+        graphed_encoders=graphed,
     )
     return accel, step_cache
 
