@@ -10,8 +10,9 @@ synchronised, at CFG batch 2 (one image) and 8 (four images):
   work is padding. TFLOP/s and the largest difference from float32 attention.
 * ``mlp`` -- the feed-forward's first matrix product and its tanh GELU (1,536 -> 6,144, bias):
   as two kernels (eager), as Inductor makes it (default mode: cuBLAS, then a fused Triton GELU),
-  and as one cuBLASLt call with the GELU in its epilogue (``torch._addmm_activation``); the
-  matrix product alone as the floor. Differences from the float32 result.
+  and as one cuBLASLt call with the GELU in its epilogue (the pod's ``--fuse-gelu``:
+  ``acceleration.linear_gelu_tanh``); the matrix product alone as the floor. Differences from the
+  float32 result, and which GELU form (tanh or erf) the epilogue computes, in float32.
 
     python -m bench.kernels_sd35 [--groups attention,mlp] [--batches 2,8]
 """
@@ -92,6 +93,8 @@ def attention(batches: list[int], repeats: int) -> Iterator[dict[str, Any]]:
 
 
 def mlp(batches: list[int], repeats: int) -> Iterator[dict[str, Any]]:
+    from imagefleet.inference_pod import acceleration as acc
+
     g = torch.Generator("cuda").manual_seed(0)
     weight = torch.randn(MLP, HIDDEN, device="cuda", generator=g, dtype=torch.bfloat16) / HIDDEN**0.5
     bias = torch.randn(MLP, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
@@ -104,7 +107,18 @@ def mlp(batches: list[int], repeats: int) -> Iterator[dict[str, Any]]:
         "linear-alone": lambda x: F.linear(x, weight, bias),
         "eager": eager,
         "compiled": compiled,
-        "addmm-gelu-epilogue": lambda x: torch._addmm_activation(bias, x, weight.t(), use_gelu=True),
+        "gelu-epilogue": lambda x: acc.linear_gelu_tanh(x, weight, bias),
+    }
+    # which GELU the epilogue computes: in float32 the tanh and erf forms differ by up to 5e-4
+    x32 = torch.randn(4096, HIDDEN, device="cuda", generator=g)
+    w32, b32 = weight.float(), bias.float()
+    ours = torch._addmm_activation(b32, x32, w32.t(), use_gelu=True)
+    product = F.linear(x32, w32, b32)
+    yield {
+        "group": "mlp",
+        "kernel": "gelu-epilogue-form",
+        "max_abs_diff_from_tanh_fp32": float((ours - F.gelu(product, approximate="tanh")).abs().max()),
+        "max_abs_diff_from_erf_fp32": float((ours - F.gelu(product)).abs().max()),
     }
     for batch in batches:
         rows = batch * (TOKENS[0])

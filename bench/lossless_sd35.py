@@ -10,8 +10,9 @@ each, the max / mean absolute difference of the decoded images from eager on the
 * ``blocks-flash`` / ``blocks-cudnn`` -- the same with SDPA forced to one fused kernel *inside the
   transformer only* (the text encoders' masked attention takes neither);
 * ``blocks-fa4`` / ``whole-fa4`` -- the same with the fused joint attentions on FlashAttention-4
-  (``flash-attn-4`` installed), as the pod's ``--attention fa4`` does; suffixes combine
-  (``whole-graphs-fa4``);
+  (``flash-attn-4`` installed), as the pod's ``--attention fa4`` does; ``-gelu``: the
+  feed-forwards' GELU in the epilogue of their first product (the pod's ``--fuse-gelu``);
+  suffixes combine (``whole-graphs-fa4``, ``blocks-fa4-gelu``);
 * ``whole`` -- the whole transformer compiled as one graph instead of block by block (fusion
   across block boundaries, no Python between blocks);
 * ``whole-graphs`` / ``blocks-graphs`` -- the same in ``mode="reduce-overhead"`` (CUDA graphs:
@@ -159,6 +160,20 @@ def uncompile(transformer: Any) -> None:
     transformer.__dict__.pop("forward", None)
 
 
+def gelu(transformer: Any, epilogue: bool) -> None:
+    """The feed-forwards' GELU in the product's epilogue (the pod's ``--fuse-gelu``) or not."""
+    from diffusers.models.activations import GELU
+
+    from imagefleet.inference_pod import acceleration as acc
+
+    if epilogue:
+        acc.fuse_gelu(transformer)
+        return
+    for module in transformer.modules():
+        if isinstance(module, GELU):
+            module.__class__ = GELU
+
+
 def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
     """Compile ``transformer`` for ``variant``; returns (attention backend, uses CUDA graphs)."""
     from imagefleet.inference_pod import acceleration as acc
@@ -177,11 +192,12 @@ def apply(variant: str, transformer: Any) -> tuple[str | None, bool]:
     if "freeze" in extras:
         inductor.freezing = True
         inductor.coordinate_descent_tuning = True
-    unknown = set(extras) - {"graphs", "freeze", "flash", "cudnn", "fa4"}
+    gelu(transformer, "gelu" in extras)
+    unknown = set(extras) - {"graphs", "freeze", "flash", "cudnn", "fa4", "gelu"}
     if unknown or base not in ("blocks", "whole"):
         raise ValueError(f"unknown variant {variant!r}")
     if base == "blocks":
-        acc.compile_blocks(transformer, mode=mode)
+        acc.compile_blocks(transformer, graphs=graphs)
     else:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         transformer.forward = torch.compile(transformer.forward, dynamic=False, mode=mode)

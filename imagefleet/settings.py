@@ -220,6 +220,9 @@ class PodSettings(HttpServerSettings):
         choices=("auto", "fa4", "sdpa"),
     )
     fuse_projections: bool = setting(True, "one matrix product for query, key and value (SD3 family)")
+    fuse_gelu: bool = setting(
+        True, "the feed-forward's tanh GELU in its matrix product's epilogue: one cuBLASLt call (SD3, Flux)"
+    )
     encoder_graphs: bool = setting(
         True,
         "replay the text encoders as CUDA graphs, one per batch size (GPU only; the same kernels, so the "

@@ -7,6 +7,8 @@ Lossless (the same maths as eager, up to bf16 rounding):
   ``fuse_qkv_projections`` installs ``FusedJointAttnProcessor2_0`` everywhere, which drops the
   RMS norms of query and key (SD3.5) and fails on the image-only second attention of SD3.5's dual
   blocks; :class:`FusedJointAttention` keeps both.
+* :func:`fuse_gelu` -- the feed-forwards' tanh GELU applied in the epilogue of the matrix product
+  before it (one cuBLASLt call instead of a product and an elementwise pass over its output).
 * :func:`use_attention` -- the fused attentions on FlashAttention-4 (exact attention, a faster
   kernel on Hopper and Blackwell) where the ``flash-attn-4`` package is installed.
 * :func:`compile_blocks` -- ``torch.compile`` of each repeated transformer block (regional
@@ -49,6 +51,7 @@ class Acceleration:
     """What was done to the pipeline; reported in the log and ``/v1/models``."""
 
     fused_attentions: int = 0
+    fused_gelus: int = 0
     compiled_blocks: int = 0
     compiled_decoder: bool = False
     compile_mode: str | None = None
@@ -59,6 +62,7 @@ class Acceleration:
     def to_json(self) -> dict[str, Any]:
         return {
             "fused_attentions": self.fused_attentions,
+            "fused_gelus": self.fused_gelus,
             "compiled_blocks": self.compiled_blocks,
             "compiled_decoder": self.compiled_decoder,
             "compile_mode": self.compile_mode,
@@ -175,6 +179,59 @@ def fuse_qkv(denoiser: nn.Module) -> int:
         module.set_processor(FusedJointAttention())
         fused += 1
     return fused
+
+
+def fuse_gelu(denoiser: nn.Module) -> int:
+    """Put each feed-forward's tanh GELU into its matrix product's epilogue; returns how many.
+
+    diffusers' ``GELU`` is a linear layer then ``F.gelu(approximate="tanh")``: under
+    ``torch.compile`` that is a cuBLAS product and a separate Inductor kernel that reads and writes
+    the 4x-wide hidden activations once more. :func:`linear_gelu_tanh` makes it one cuBLASLt call
+    with bias and GELU applied to the product before it is rounded to bf16 (``GELU_BIAS``
+    epilogue): the same function, closer to float32. The modules keep their weights; only their
+    class changes, so state dicts and hooks are untouched.
+    """
+    from diffusers.models.activations import GELU
+
+    fused = 0
+    for module in denoiser.modules():
+        if (
+            type(module) is GELU
+            and module.approximate == "tanh"
+            and getattr(module.proj, "bias", None) is not None
+        ):
+            module.__class__ = _epilogue_gelu()
+            fused += 1
+    return fused
+
+
+@functools.cache
+def _epilogue_gelu() -> type[nn.Module]:
+    from diffusers.models.activations import GELU
+
+    class EpilogueGELU(GELU):  # type: ignore[misc]
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = linear_gelu_tanh(hidden_states, self.proj.weight, self.proj.bias)
+            return out
+
+    return EpilogueGELU
+
+
+@torch.library.custom_op("imagefleet::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias), approximate="tanh")`` as one product with the GELU in
+    its epilogue (cuBLASLt's ``GELU_BIAS``, the tanh form, on a GPU; on a CPU the same two steps as
+    before). An operator of its own, so
+    ``torch.compile`` calls it as it is instead of splitting it back into two kernels."""
+    if x.device.type != "cuda":  # PyTorch's CPU kernel applies the erf GELU, not the tanh one
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu_tanh.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # --- attention kernel --------------------------------------------------------------------------

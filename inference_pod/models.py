@@ -181,6 +181,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     if denoiser is None:
         return Acceleration(graphed_encoders=graphed), None
     fused = acceleration.fuse_qkv(denoiser) if settings.fuse_projections else 0
+    gelus = acceleration.fuse_gelu(denoiser) if settings.fuse_gelu else 0
     mode = settings.compile
     if mode == "auto":
         mode = "blocks" if device.startswith("cuda") else "off"
@@ -211,6 +212,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         )
     accel = Acceleration(
         fused_attentions=fused,
+        fused_gelus=gelus,
         compiled_blocks=compiled,
         compiled_decoder=decoder,
         compile_mode=COMPILE_MODES[mode] if compiled else None,

@@ -45,6 +45,25 @@ def test_fused_projections_compute_exactly_what_the_separate_ones_did() -> None:
     assert not any(hasattr(m, "to_qkv") and hasattr(m, "to_q") for m in model.modules())
 
 
+def test_the_gelu_epilogue_replaces_each_tanh_gelu_and_traces_whole_under_compile() -> None:
+    model = transformer()
+    before = call(model)
+    fused = acceleration.fuse_gelu(model)
+    # each of the three blocks' image feed-forward, and the context feed-forward of all but the
+    # last (whose context output is never used)
+    assert fused == 5
+    assert sum(type(m).__name__ == "EpilogueGELU" for m in model.modules()) == 5
+    # on a CPU the operator is the unfused computation (the epilogue is cuBLASLt's:
+    # bench.kernels_sd35 compares it with both GELU forms on a GPU)
+    assert torch.equal(call(model), before)
+    assert acceleration.fuse_gelu(model) == 0  # the fused ones are not fused twice
+    x, w, b = torch.randn(2, 7, 16), torch.randn(48, 16), torch.randn(48)
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+    # an operator torch.compile traces through whole (fullgraph: no graph break around it)
+    compiled = torch.compile(acceleration.linear_gelu_tanh, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, w, b), expected)
+
+
 def test_diffusers_own_fusion_is_what_fuse_qkv_replaces() -> None:
     """diffusers' helper fails on SD3.5's dual blocks (or drops the query/key norms): keep ours."""
     model = transformer()
