@@ -241,22 +241,34 @@ class ControlPlane:
         self._launched[name] = (list(argv), url, probe)
         wait_ready(record, url, probe, self.settings.start_timeout)
 
-    def restart(self, name: str, downtime_s: float = 0.0) -> None:
-        """Stop one component as a crash would (SIGTERM, SIGKILL after 2 s), keep it down for
-        ``downtime_s`` seconds, start it again with the same command line and wait until healthy.
+    def restart(self, *names: str, downtime_s: float = 0.0) -> None:
+        """Stop the named components as a crash would (SIGTERM, SIGKILL after 2 s; the last started
+        first), keep them down for ``downtime_s`` seconds, start them again in start order with the
+        same command lines and wait until each is healthy.
 
         For tests of what survives an apiserver (or scheduler, kubelet...) restart; only for a
-        plane started by this object.
+        plane started by this object. A control-plane node that reboots takes the apiserver, the
+        controller-manager and the scheduler down together: restart them together to play it. A
+        controller-manager left running through a long apiserver outage behaves as upstream's
+        does and is slow to recover: its informers back off relisting for up to 30 s, and its
+        node lifecycle controller meanwhile judges the nodes by leases it has not seen renewed,
+        marks them unreachable and their pods not Ready.
         """
-        index = next(i for i, p in enumerate(self.processes) if p.name == name)
-        argv, url, probe = self._launched[name]
-        old = self.processes[index]
-        stop(old, 2.0)
+        order = [p.name for p in self.processes]
+        unknown = [n for n in names if n not in order]
+        if unknown or not names:
+            raise ValueError(f"no component named {', '.join(unknown) or '(none given)'}; have {order}")
+        chosen = sorted(set(names), key=order.index)
+        for name in reversed(chosen):
+            stop(self.processes[order.index(name)], 2.0)
         time.sleep(downtime_s)
-        new = start(name, argv, old.log, detach=self.settings.detach)
-        self.processes[index] = new
-        self._save()
-        wait_ready(new, url, probe, self.settings.start_timeout)
+        for name in chosen:
+            index = order.index(name)
+            argv, url, probe = self._launched[name]
+            new = start(name, argv, self.processes[index].log, detach=self.settings.detach)
+            self.processes[index] = new
+            self._save()
+            wait_ready(new, url, probe, self.settings.start_timeout)
 
     def _add_nodes(self) -> None:
         """Create the KWOK nodes and wait until every node (process and KWOK) is Ready."""
