@@ -83,3 +83,45 @@ def test_every_field_is_described() -> None:
 def test_the_chart_ships_the_same_crd() -> None:
     chart_crd = REPO / "charts" / "imagefleet" / "crds" / "imagegenerator.yaml"
     assert chart_crd.read_bytes() == (REPO / "crds" / "imagegenerator.yaml").read_bytes()
+
+
+class _Strict(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _no_repeats(loader: _Strict, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_repeats)
+
+PLAIN_YAML = sorted(
+    p
+    for pattern in (
+        "crds/*.yaml",
+        "examples/*.yaml",
+        "charts/imagefleet/*.yaml",
+        "charts/imagefleet/ci/*.yaml",
+    )
+    for p in REPO.glob(pattern)
+)
+
+
+def test_the_strict_loader_refuses_a_repeated_key() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="'a' given twice"):
+        yaml.load("x:\n  a: 1\n  a: 2\n", Loader=_Strict)
+
+
+@pytest.mark.parametrize("path", PLAIN_YAML, ids=[str(p.relative_to(REPO)) for p in PLAIN_YAML])
+def test_no_key_is_given_twice(path: Path) -> None:
+    """A repeated key is silently dropped by lenient parsers and refused by strict ones."""
+    for _ in yaml.load_all(path.read_text(), Loader=_Strict):
+        pass
