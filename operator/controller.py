@@ -24,7 +24,7 @@ from typing import Any
 
 from imagefleet import wire
 from imagefleet.operator import autoscale, faults, manifests, rollout, status
-from imagefleet.operator.kube import Kube
+from imagefleet.operator.kube import Kube, unreachable
 from imagefleet.operator.podview import PodView, pod_view
 from imagefleet.operator.scrape import PodMetrics, Scraper
 from imagefleet.operator.spec import GeneratorSpec, InvalidSpec, parse
@@ -208,8 +208,11 @@ class Worker:
                 failures += 1
                 self.c.metrics.passes.labels("error").inc()
                 delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(failures - 1, 10))
+                down = unreachable(exc)
                 if _namespace_closing(exc):  # its deletion will reach us as a DELETED event
                     log.info("Namespace %s is being deleted; %s waits for that", *self.key)
+                elif down is not None:  # an outage: one line per pass, not a traceback each time
+                    log.warning("Reconciling %s/%s failed: %s; retrying in %.0f s", *self.key, down, delay)
                 else:
                     log.exception("Reconciling %s/%s failed; retrying in %.0f s", *self.key, delay)
             self._wake.clear()

@@ -43,6 +43,25 @@ def configure_client() -> None:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
+UNAVAILABLE = frozenset({502, 503, 504})
+"""Statuses that say the API server (or what fronts it) is not serving right now."""
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """One line saying why, when ``exc`` means the API server could not be reached or is not
+    serving (refused, reset, timed out, 502-504); None for any other failure, which deserves its
+    traceback."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return f"the API server answered {exc.status} {exc.reason}" if exc.status in UNAVAILABLE else None
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+        return f"the API server is unreachable ({type(cause).__name__}: {cause})"
+    return None
+
+
 class Kube:
     """Applies, deletes, patches status and scale, and records Events."""
 
