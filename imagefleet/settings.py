@@ -228,6 +228,11 @@ class PodSettings(HttpServerSettings):
         "replay the text encoders as CUDA graphs, one per batch size (GPU only; the same kernels, so the "
         "same embeddings: each graph is checked against eager once)",
     )
+    tune_decoder: bool = setting(
+        False,
+        "GPU only: the VAE decoder in channels-last, cuDNN timing its convolution algorithms once per shape "
+        "at warm-up",
+    )
     tiers: str = setting(
         "lossless",
         "quality tiers served: lossless, or lossless,fast (fast: a first-block step cache, opt-in per request)",

@@ -54,6 +54,7 @@ class Acceleration:
     fused_gelus: int = 0
     compiled_blocks: int = 0
     compiled_decoder: bool = False
+    tuned_decoder: bool = False
     compile_mode: str | None = None
     step_cache: bool = False
     attention: str = "sdpa"
@@ -65,6 +66,7 @@ class Acceleration:
             "fused_gelus": self.fused_gelus,
             "compiled_blocks": self.compiled_blocks,
             "compiled_decoder": self.compiled_decoder,
+            "tuned_decoder": self.tuned_decoder,
             "compile_mode": self.compile_mode,
             "attention": self.attention,
             "graphed_encoders": self.graphed_encoders,
@@ -360,6 +362,19 @@ def compile_decoder(vae: nn.Module | None) -> bool:
     if decoder is None:
         return False
     decoder.forward = torch.compile(decoder.forward, dynamic=False)
+    return True
+
+
+def tune_decoder(vae: nn.Module | None) -> bool:
+    """The VAE in channels-last (NHWC: each convolution's output follows its weight's layout, the
+    one Hopper's cuDNN kernels run natively) and cuDNN timing its convolution algorithms once per
+    shape (the warm-up's first decode at each shape pays for it). Process-wide: every later
+    convolution is timed once too. The algorithm chosen may differ from one start to the next, so
+    the same seed gives the same image within bf16 rounding rather than bit for bit."""
+    if vae is None:
+        return False
+    vae.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
     return True
 
 

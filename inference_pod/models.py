@@ -186,6 +186,11 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
     if mode == "auto":
         mode = "blocks" if device.startswith("cuda") else "off"
     compiled, decoder = 0, False
+    tuned = (
+        device.startswith("cuda")
+        and settings.tune_decoder
+        and acceleration.tune_decoder(getattr(pipe, "vae", None))
+    )
     if mode in COMPILE_MODES:
         acceleration.use_compile_cache(settings.compile_cache_dir)
         compiled = acceleration.compile_blocks(denoiser, graphs=mode == "blocks-graphs")
@@ -215,6 +220,7 @@ def accelerate(pipe: Any, settings: PodSettings, device: str) -> tuple[Accelerat
         fused_gelus=gelus,
         compiled_blocks=compiled,
         compiled_decoder=decoder,
+        tuned_decoder=tuned,
         compile_mode=COMPILE_MODES[mode] if compiled else None,
         step_cache=step_cache is not None,
         attention=kernel,

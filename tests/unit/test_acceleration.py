@@ -230,3 +230,21 @@ def test_a_pipeline_marks_one_graph_step_per_denoising_step(
         hook.remove()
     # classifier-free guidance runs both halves in one transformer call per step
     assert len(steps) == STEPS
+
+
+# --- VAE decoder ---------------------------------------------------------------------------------
+
+
+def test_the_tuned_decoder_runs_channels_last_and_decodes_what_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    vae = synthetic.build("sd3-tiny", "cpu", torch.float32).vae
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = vae.decode(latents).sample
+        assert acceleration.tune_decoder(vae) and not acceleration.tune_decoder(None)
+        after = vae.decode(latents).sample
+    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert after.is_contiguous(memory_format=torch.channels_last)
+    assert torch.backends.cudnn.benchmark
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

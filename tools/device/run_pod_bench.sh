@@ -62,7 +62,9 @@ case "$mode" in
             2>&1 | tee "$out/smoke_seed.log" | grep -v "should be kept in float32"
         ;;
     throughput)
-        "$py" -m bench.pod_throughput "$@" 2>&1 | tee "$out/pod_throughput.log" | grep -v "should be kept in float32"
+        # TAG names this run's log (pod_throughput_TAG.log) when one call makes several runs
+        "$py" -m bench.pod_throughput "$@" 2>&1 | tee "$out/pod_throughput${TAG:+_$TAG}.log" \
+            | grep -v "should be kept in float32"
         ;;
     seed)
         "$py" -m bench.seed_test "$@" 2>&1 | tee "$out/seed_test.log" | grep -v "should be kept in float32"
