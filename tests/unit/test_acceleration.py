@@ -235,7 +235,9 @@ def test_a_pipeline_marks_one_graph_step_per_denoising_step(
 # --- VAE decoder ---------------------------------------------------------------------------------
 
 
-def test_the_tuned_decoder_runs_channels_last_and_decodes_what_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tuned_decoder_runs_channels_last_and_decodes_what_it_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     vae = synthetic.build("sd3-tiny", "cpu", torch.float32).vae
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
