@@ -373,7 +373,7 @@ def tune_decoder(vae: nn.Module | None) -> bool:
     the same seed gives the same image within bf16 rounding rather than bit for bit."""
     if vae is None:
         return False
-    vae.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # accepted, not in the stubs
     torch.backends.cudnn.benchmark = True
     return True
 
