@@ -3,11 +3,14 @@ cuDNN's algorithm search and the channels-last layout buy.
 
 The pod decodes each finished batch on the GPU thread, between two batches' denoising loops: at
 batch 4 that is the largest piece of its per-batch work outside the transformer. Each variant
-decodes the same random latents (``--batch`` images), is timed as the best of ``--repeats`` calls
-after two untimed ones (device synchronised), and its images (0..255) are compared with eager's:
+decodes the same random latents (``--batch`` images) and makes 8-bit pixels of them as the pod's
+worker does (``VaeImageProcessor.denormalize``, then ``worker.pixels``, which copies them to the
+host); each is timed as the best of ``--repeats`` calls after two untimed ones, and its images
+(0..255) are compared with eager's:
 
 * ``eager`` -- the decoder as diffusers runs it (NCHW, cuDNN's heuristic algorithm choice)
-* ``-cl`` -- weights and latents in channels-last (NHWC), the layout Hopper's cuDNN kernels prefer
+* ``-cl`` -- the decoder's weights in channels-last (NHWC), the layout Hopper's cuDNN kernels prefer;
+  ``-cl-bench`` is the pod's ``--tune-decoder`` (``acceleration.tune_decoder``)
 * ``-bench`` -- ``torch.backends.cudnn.benchmark``: cuDNN times its algorithms once per shape
 * ``compiled`` -- the decoder's forward through ``torch.compile`` as the pod does
   (``acceleration.compile_decoder``); Inductor may pick channels-last itself
@@ -21,6 +24,7 @@ import argparse
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.common import main_guard
@@ -47,12 +51,10 @@ def build_vae() -> Any:
     return synthetic.materialise(vae, torch.device("cuda"), torch.bfloat16, seed=0)
 
 
-def to_pixels(decoded: torch.Tensor) -> torch.Tensor:
-    return ((decoded.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+def run_variant(name: str, latents: torch.Tensor, repeats: int) -> tuple[dict[str, Any], np.ndarray]:
+    from diffusers.image_processor import VaeImageProcessor
 
-
-def run_variant(name: str, latents: torch.Tensor, repeats: int) -> tuple[dict[str, Any], torch.Tensor]:
-    from imagefleet.inference_pod import acceleration
+    from imagefleet.inference_pod import acceleration, worker
 
     torch._dynamo.reset()
     torch.backends.cudnn.benchmark = "bench" in name.split("-")
@@ -60,14 +62,13 @@ def run_variant(name: str, latents: torch.Tensor, repeats: int) -> tuple[dict[st
     vae = build_vae()
     if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-        latents = latents.contiguous(memory_format=torch.channels_last)
     if name.startswith("compiled"):
         acceleration.compile_decoder(vae)
     scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
 
-    def once() -> torch.Tensor:
+    def once() -> np.ndarray:
         with torch.inference_mode():
-            return to_pixels(vae.decode(scaled).sample)
+            return np.stack(worker.pixels(VaeImageProcessor.denormalize(vae.decode(scaled).sample)))
 
     started = time.perf_counter()
     once()
@@ -118,9 +119,9 @@ def main() -> None:
         if reference is None:
             reference = pixels
             record["reference"] = name
-        diff = (pixels.int() - reference.int()).abs()
+        diff = np.abs(pixels.astype(np.int16) - reference.astype(np.int16))
         record["max_abs_diff"] = int(diff.max())
-        record["mean_abs_diff"] = round(float(diff.float().mean()), 4)
+        record["mean_abs_diff"] = round(float(diff.mean()), 4)
         emit(record)
 
 
